@@ -1,0 +1,135 @@
+"""The dsprune command line. Thin: parse, call one library function, print a summary.
+
+Exit codes: 0 success; 1 a gate failed (accuracy, speed or parity bound); 2 bad input.
+Heavy imports happen inside commands so ``dsprune --help`` is instant.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+# No network at run time: the Hugging Face libraries must never reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _bad_input_types():
+    from pipeline.architectures import UnsupportedModelError
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.models import ModelSourceError
+    from pipeline.surgery import CheckpointError
+
+    return (ConfigError, DataError, ModelSourceError, CheckpointError, UnsupportedModelError,
+            FileNotFoundError, PermissionError, ValueError)
+
+
+def _gate_types():
+    from exporters.onnx import ParityError
+    from pipeline.run import GateFailed
+
+    return (GateFailed, ParityError)
+
+
+def _guarded(debug: bool, action):
+    """Run ``action`` and map failures to the documented exit codes with one-line messages."""
+    try:
+        return action()
+    except KeyboardInterrupt:
+        click.echo("dsprune: interrupted; finished stages are kept and the next run resumes", err=True)
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - mapped to exit codes below
+        if debug:
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the library wrote
+        if isinstance(err, _gate_types()):
+            click.echo(f"dsprune: gate failed: {message}", err=True)
+            sys.exit(1)
+        if isinstance(err, _bad_input_types()):
+            click.echo(f"dsprune: error: {message}", err=True)
+            sys.exit(2)
+        raise
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx, debug):
+    """Differentiable Subset Pruning: fine-tune with head gates, prune to exactly K heads, ship ONNX."""
+    ctx.obj = {"debug": debug}
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), required=True,
+              help="YAML config (see configs/).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override, e.g. prune.keep=24.")
+@click.option("--force", is_flag=True, help="Rerun every stage even when up to date.")
+@click.pass_context
+def run(ctx, config_path, overrides, force):
+    """Run every stage; stages whose config and inputs are unchanged are skipped."""
+
+    def action():
+        from pipeline.config import load_config
+        from pipeline.run import run_pipeline
+
+        cfg = load_config(config_path, overrides)
+        folder = run_pipeline(cfg, force=force, log=lambda m: click.echo(m, err=True))
+        return folder
+
+    folder = _guarded(ctx.obj["debug"], action)
+    _print_summary(folder.path)
+
+
+def _print_summary(run_dir: Path) -> None:
+    import json
+
+    report = run_dir / "report" / "report.json"
+    if report.is_file():
+        data = json.loads(report.read_text())
+        metric = data["task"]["metric"]
+        for stage in data["stages"]:
+            click.echo(f"  {stage['stage']:<11} {metric} {stage['metric']:.4f}  (drop {100 * stage['drop']:+.2f} pts)")
+        for s in data["speedups"]:
+            if s["variant"].startswith("pruned/"):
+                click.echo(f"  {s['variant']:<18} batch {s['batch']:>3}: {s['p50_ratio']:.2f}x vs {s['reference']}")
+        click.echo(f"Report: {run_dir / 'report' / 'report.md'}")
+
+
+def _stage_command(name: str):
+    @click.argument("run_dir", type=click.Path(file_okay=False))
+    @click.pass_context
+    def command(ctx, run_dir):
+        def action():
+            from pipeline.run import RunFolder, check_gates
+
+            folder = RunFolder(Path(run_dir))
+            cfg = folder.config()
+            folder.run_stage(_lookup(name), cfg, log=lambda m: click.echo(m, err=True))
+            if name == "report":
+                check_gates(folder)
+            return folder
+
+        folder = _guarded(ctx.obj["debug"], action)
+        if name == "report":
+            _print_summary(folder.path)
+
+    command.__doc__ = f"Run the {name} stage alone on RUN_DIR (its earlier stages must be complete)."
+    return main.command(name=name)(command)
+
+
+def _lookup(name):
+    from pipeline.run import STAGES
+
+    return next(s for s in STAGES if s.name == name)
+
+
+for _name in ("finetune", "harden", "prune", "export", "quantize", "bench", "report"):
+    _stage_command(_name)
+
+
+if __name__ == "__main__":
+    main()

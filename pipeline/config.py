@@ -1,0 +1,260 @@
+"""Run configuration: frozen dataclasses per stage, loaded from YAML with dotted ``--set`` overrides.
+
+Every problem in a config is collected and reported together on one line, each naming the file,
+the dotted field and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+BUNDLED_MODEL = "bundled:all-minilm-l6-v2"
+
+
+class ConfigError(ValueError):
+    """A bad config; ``str()`` is one line listing every problem."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = BUNDLED_MODEL  # "bundled:all-minilm-l6-v2", a local folder, or a hub name with allow_download
+    attn_implementation: str = "sdpa"
+    allow_download: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "sst2"  # a GLUE task name, or "custom" with the columns below
+    train: str = "../shared/data/glue/SST-2/train.tsv"
+    dev: str = "../shared/data/glue/SST-2/dev.tsv"
+    text_columns: tuple[str, ...] = ()
+    label_column: str = ""
+    label_names: tuple[str, ...] = ()
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    max_seq_length: int = 128
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Plain fine-tuning of the unpruned reference model."""
+
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Gate training and the head budget.
+
+    ``init: finetuned`` starts the gated training from the fine-tuned reference (its weights keep
+    learning when ``mode: joint``); ``init: pretrained`` starts from the pretrained model, as the
+    paper's joint DSP does.
+    """
+
+    method: str = "dsp"
+    mode: str = "joint"  # joint: gates and weights; pipelined: gates only, model frozen
+    init: str = "finetuned"
+    keep: int = 36
+    per_layer: bool = False
+    epochs: float = 1.0
+    lr: float = 5e-5
+    gate_lr: float = 0.5
+    temperature_start: float = 1000.0
+    temperature_end: float = 1e-8
+    cooldown_fraction: float = 0.5  # of the gated training steps
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+    parity_atol: float = 1e-4
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    presets: tuple[str, ...] = ("int8-dynamic",)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batches: tuple[int, ...] = (1, 16)
+    seq: int = 128
+    threads: int = 2
+    warmup: int = 5
+    runs: int = 30
+    rounds: int = 3
+    engines: tuple[str, ...] = ("torch-fp32", "onnx-fp32", "onnx-int8")
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """Bounds that fail the run (exit 1) when crossed; null disables a gate."""
+
+    max_metric_drop: float | None = 0.05  # pruned/onnx-int8 vs fine-tuned baseline, in metric units
+    min_speedup: float | None = None  # pruned/onnx-int8 vs baseline/torch-fp32 p50 at batch 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_dir: str = "runs/sst2-minilm"
+    seed: int = 0
+    threads: int = 2  # torch threads for training and evaluation
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    source: str = ""  # the YAML file it came from (set by load_config)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+    def section_hash(self, *sections: str) -> str:
+        """sha256 of the named sections (plus the seed), for the manifest's skip logic."""
+        data = self.to_dict()
+        payload = {name: data[name] for name in sections}
+        payload["seed"] = self.seed
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+
+_CHECKS = {
+    ("prune", "method"): lambda v: v in ("dsp", "ste") or "must be one of dsp, ste",
+    ("prune", "mode"): lambda v: v in ("joint", "pipelined") or "must be joint or pipelined",
+    ("prune", "init"): lambda v: v in ("finetuned", "pretrained") or "must be finetuned or pretrained",
+    ("prune", "keep"): lambda v: v > 0 or "must be a positive number of heads",
+    ("prune", "cooldown_fraction"): lambda v: 0 < v <= 1 or "must be in (0, 1]",
+    ("model", "attn_implementation"): lambda v: v in ("eager", "sdpa") or "must be eager or sdpa",
+    ("data", "max_seq_length"): lambda v: 8 <= v <= 512 or "must be in 8..512",
+    ("finetune", "batch_size"): lambda v: v > 0 or "must be positive",
+    ("bench", "threads"): lambda v: v > 0 or "must be positive",
+    ("bench", "seq"): lambda v: 1 <= v <= 512 or "must be in 1..512",
+}
+
+
+def _coerce(value, hint, where: str, errors: list[str]):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where, errors)
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else None
+        if items is None:
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return ()
+        return tuple(_coerce(v, args[0], f"{where}[{i}]", errors) for i, v in enumerate(items))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-8" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    errors.append(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return None
+
+
+def _build(cls, data, where: str, errors: list[str]):
+    if not isinstance(data, dict):
+        errors.append(f"{where or 'config'}: expected a mapping, got {data!r}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            errors.append(f"{dotted}: unknown key; valid keys: {', '.join(fields)}")
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, dotted, errors)
+        else:
+            coerced = _coerce(value, hint, dotted, errors)
+            check = _CHECKS.get(tuple(dotted.split(".")))
+            if coerced is not None and check is not None and check(coerced) is not True:
+                errors.append(f"{dotted}: {check(coerced)}, got {value!r}")
+            kwargs[key] = coerced
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or typing.get_origin(hints[k]) is not None}
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: listing every problem, each naming the file, the field and the value.
+    """
+    data: dict = {}
+    name = str(path) if path else "<defaults>"
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: unreadable ({err.__class__.__name__})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML") from None
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {key} is not a section")
+        node[keys[-1]] = value
+    errors: list[str] = []
+    config = _build(RunConfig, data, "", errors)
+    if errors:
+        raise ConfigError(f"{name}: " + "; ".join(errors))
+    return dataclasses.replace(config, source=name)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Rebuild a RunConfig from ``RunConfig.to_dict()`` output (the copy kept in a run folder)."""
+    errors: list[str] = []
+    config = _build(RunConfig, data, "", errors)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return config

@@ -1,0 +1,203 @@
+"""The ordered stages, the run folder, manifest.json, and the resume/skip logic.
+
+Each stage writes into ``RUN/.<stage>.tmp`` and only a complete stage is renamed to ``RUN/<stage>``
+and recorded in the manifest, so an interrupted or failed stage leaves earlier ones intact and the
+next ``dsprune run`` resumes from the last complete stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.config import RunConfig, config_from_dict
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # pipeline.stages.<module>, whose run(cfg, run_dir, out) does the work
+    needs: tuple[str, ...]  # stages whose outputs it reads
+    sections: tuple[str, ...]  # config sections that change its outputs
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("finetune", "finetune", (), ("model", "data", "finetune", "prune", "threads")),
+    Stage("harden", "harden", ("finetune",), ("prune",)),
+    Stage("prune", "prune", ("finetune", "harden"), ()),
+    Stage("export", "export", ("finetune", "prune"), ("export",)),
+    Stage("quantize", "quantize", ("export",), ("quantize",)),
+    Stage("bench", "bench", ("finetune", "prune", "export", "quantize"), ("bench",)),
+    Stage("report", "report", ("finetune", "harden", "prune", "export", "quantize", "bench"), ("gates",)),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+class GateFailed(RuntimeError):
+    """A configured accuracy or speed bound was crossed (exit code 1)."""
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("dsprune", "torch", "transformers", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+class RunFolder:
+    """A run folder: the resolved config, one subfolder per stage, and manifest.json."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def manifest(self) -> dict:
+        if self.manifest_path.is_file():
+            return json.loads(self.manifest_path.read_text())
+        return {"stages": {}}
+
+    def config(self) -> RunConfig:
+        path = self.path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; is {self.path} a dsprune run folder?")
+        return config_from_dict(json.loads(path.read_text()))
+
+    def stage_dir(self, name: str) -> Path:
+        return self.path / name
+
+    def is_current(self, stage: Stage, cfg: RunConfig) -> bool:
+        """True when the stage's recorded config hash, inputs and outputs all still hold."""
+        record = self.manifest()["stages"].get(stage.name)
+        if not record or record.get("config_hash") != cfg.section_hash(*stage.sections):
+            return False
+        if record.get("inputs") != self._input_hashes(stage):
+            return False
+        folder = self.stage_dir(stage.name)
+        return folder.is_dir() and hash_tree(folder) == record.get("outputs")
+
+    def _input_hashes(self, stage: Stage) -> dict[str, str]:
+        stages = self.manifest()["stages"]
+        return {
+            f"{need}/{name}": digest
+            for need in stage.needs
+            for name, digest in stages.get(need, {}).get("outputs", {}).items()
+        }
+
+    def run_stage(self, stage: Stage, cfg: RunConfig, log=print) -> dict:
+        missing = [n for n in stage.needs if n not in self.manifest()["stages"]]
+        if missing:
+            raise FileNotFoundError(f"{self.path}: stage {stage.name} needs {', '.join(missing)} to run first")
+        tmp = self.path / f".{stage.name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        started = time.time()
+        module = importlib.import_module(f"pipeline.stages.{stage.module}")
+        try:
+            summary = module.run(cfg, self.path, tmp) or {}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        final = self.stage_dir(stage.name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        manifest = self.manifest()
+        manifest["stages"][stage.name] = {
+            "config_hash": cfg.section_hash(*stage.sections),
+            "inputs": self._input_hashes(stage),
+            "outputs": hash_tree(final),
+            "seed": cfg.seed,
+            "versions": versions(),
+            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.time() - started, 2),
+            "summary": summary,
+        }
+        write_json_atomic(self.manifest_path, manifest)
+        log(f"[{stage.name}] done in {time.time() - started:.1f}s")
+        return summary
+
+def prepare_run_folder(cfg: RunConfig) -> RunFolder:
+    """Create the run folder (checking it is writable) and store the resolved config in it."""
+    folder = RunFolder(Path(cfg.run_dir))
+    try:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        probe = folder.path / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"run_dir: {cfg.run_dir!r} is not writable ({err.strerror})") from None
+    write_json_atomic(folder.path / "config.json", cfg.to_dict())
+    return folder
+
+
+def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False, log=print) -> RunFolder:
+    """Walk the stages in order, skipping those whose config and inputs are unchanged.
+
+    Args:
+        only: run just this stage (always, even when current).
+        force: rerun every stage.
+
+    Raises:
+        GateFailed: from the report stage when a configured bound is crossed.
+    """
+    folder = prepare_run_folder(cfg)
+    for stage in STAGES:
+        if only is not None and stage.name != only:
+            continue
+        if only is None and not force and folder.is_current(stage, cfg):
+            log(f"[{stage.name}] up to date, skipped")
+            continue
+        log(f"[{stage.name}] running")
+        folder.run_stage(stage, cfg, log=log)
+    check_gates(folder)
+    return folder
+
+
+def check_gates(folder: RunFolder) -> None:
+    """Raise GateFailed when the run's report records a crossed bound."""
+    report = folder.path / "report" / "report.json"
+    if not report.is_file():
+        return
+    failed = [g for g in json.loads(report.read_text()).get("gates", []) if not g["passed"]]
+    if failed:
+        raise GateFailed("; ".join(f"gate {g['name']}: {g['value']:.4g} vs bound {g['bound']:.4g}" for g in failed))

@@ -1,0 +1,54 @@
+"""Stage bench: CPU latency of every variant, each configuration in its own process, interleaved.
+
+Writes flat rows (variant, engine, precision, device, threads, batch, seq, p50/p90/p99, throughput)
+to ``rows.jsonl`` and the machine description to ``machine.json``.
+"""
+from __future__ import annotations
+
+import json
+
+from benchmarks.timing import interleaved, machine_info
+from pipeline.config import RunConfig
+from pipeline.models import resolve_model_path
+from pipeline.run import write_json_atomic
+
+
+def variant_files(cfg: RunConfig, run_dir) -> dict[str, tuple[str, str]]:
+    """{variant name: (engine, path)} for the engines the bench config asks for."""
+    files = {
+        "torch-fp32": {"baseline": run_dir / "finetune" / "baseline", "pruned": run_dir / "prune" / "model"},
+        "onnx-fp32": {"baseline": run_dir / "export" / "baseline.onnx", "pruned": run_dir / "export" / "pruned.onnx"},
+        "onnx-int8": {n: run_dir / "quantize" / f"{n}-int8-dynamic.onnx" for n in ("baseline", "pruned")},
+    }
+    out = {}
+    for engine in cfg.bench.engines:
+        if engine not in files:
+            raise ValueError(f"bench.engines: unknown {engine!r}; valid: {', '.join(files)}")
+        for model, path in files[engine].items():
+            out[f"{model}/{engine}"] = ("torch" if engine.startswith("torch") else "onnxruntime", str(path))
+    return out
+
+
+def run(cfg: RunConfig, run_dir, out):
+    b = cfg.bench
+    variants = variant_files(cfg, run_dir)
+    tokenizer = resolve_model_path(cfg.model)
+    rows = []
+    for batch in b.batches:
+        specs = [
+            {"variant": name, "engine": engine, "model": path, "tokenizer": tokenizer,
+             "batch": batch, "seq": b.seq, "threads": b.threads, "warmup": b.warmup, "runs": b.runs}
+            for name, (engine, path) in variants.items()
+        ]
+        for spec, result in zip(specs, interleaved(specs, threads=b.threads, rounds=b.rounds)):
+            model, _, kind = spec["variant"].partition("/")
+            rows.append({
+                "variant": spec["variant"], "pruned": model == "pruned", "engine": spec["engine"],
+                "precision": kind.split("-")[1], "device": "cpu", "threads": b.threads,
+                "batch": batch, "seq": b.seq, **{k: result[k] for k in result if k not in spec},
+            })
+    with open(out / "rows.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+    write_json_atomic(out / "machine.json", machine_info())
+    return {"rows": len(rows)}

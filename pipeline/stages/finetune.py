@@ -1,0 +1,138 @@
+"""Stage finetune: the unpruned reference, then gate training (DSP or STE) for an exact K.
+
+Outputs: ``baseline/`` (the fine-tuned reference checkpoint), ``gated/`` (the weights trained
+with gates), ``gates.json`` (logits and schedule), ``metrics.json``, ``train_log.json``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+
+from pipeline import data
+from pipeline.config import RunConfig
+from pipeline.evaluation import evaluate_torch, load_task_data
+from pipeline.gates import GateConfig, add_head_gates_, remove_head_gates_
+from pipeline.models import load_classifier, load_tokenizer
+from pipeline.run import write_json_atomic
+from pipeline.surgery import save_pruned
+from pipeline.training import linear_warmup_decay, pick_device, steps_for, train
+
+
+def _plain_finetune(model, encoded, cfg: RunConfig):
+    ft = cfg.finetune
+    steps = steps_for(ft.epochs, len(encoded.labels), ft.batch_size)
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": ft.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=ft.lr
+    )
+    scheduler = linear_warmup_decay(optimizer, steps, int(ft.warmup_ratio * steps))
+    return train(
+        model,
+        lambda epoch: data.batches(encoded, ft.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch),
+        steps=steps, optimizer=optimizer, scheduler=scheduler, description="finetune",
+    )
+
+
+def _gated_train(model, encoded, cfg: RunConfig):
+    pr, ft = cfg.prune, cfg.finetune
+    steps = steps_for(pr.epochs, len(encoded.labels), ft.batch_size)
+    gate_config = GateConfig(
+        keep=pr.keep, method=pr.method, per_layer=pr.per_layer,
+        temperature_start=pr.temperature_start, temperature_end=pr.temperature_end,
+        cooldown_steps=max(1, int(pr.cooldown_fraction * steps)),
+    )
+    gates = add_head_gates_(model, gate_config, seed=cfg.seed)
+    groups = [{"params": [gates.logits], "lr": pr.gate_lr, "weight_decay": 0.0}]
+    weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
+    if pr.mode == "joint":
+        groups.append({"params": weights, "lr": pr.lr, "weight_decay": ft.weight_decay})
+    else:
+        for p in weights:
+            p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    # The weights' learning rate decays linearly; the gates keep theirs, as in the paper's code.
+    def weight_factor(step):
+        return max(0.0, (steps - step) / steps)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda step: 1.0] + ([weight_factor] if pr.mode == "joint" else [])
+    )
+
+    def on_step(step):
+        gates.step = step
+
+    result = train(
+        model,
+        lambda epoch: data.batches(encoded, ft.batch_size, shuffle=True, seed=cfg.seed * 1000 + 500 + epoch),
+        steps=steps, optimizer=optimizer, scheduler=scheduler, on_step=on_step, description=f"gates ({pr.method})",
+    )
+    for p in weights:
+        p.requires_grad_(True)
+    remove_head_gates_(model)
+    return result, gates, gate_config
+
+
+def check_budget(cfg: RunConfig) -> None:
+    """Refuse an impossible head budget before any training time is spent."""
+    from transformers import AutoConfig
+
+    from pipeline.architectures import adapter_for
+    from pipeline.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    adapter_for(config)
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    if cfg.prune.keep > layers * heads:
+        raise ValueError(f"prune.keep: {cfg.prune.keep} exceeds the model's {layers * heads} heads ({layers} x {heads})")
+    if cfg.prune.per_layer and cfg.prune.keep % layers:
+        raise ValueError(f"prune.keep: {cfg.prune.keep} heads cannot be split evenly over {layers} layers (prune.per_layer)")
+
+
+def run(cfg: RunConfig, run_dir, out):
+    torch.set_num_threads(cfg.threads)
+    check_budget(cfg)
+    device = pick_device()
+    tokenizer = load_tokenizer(cfg.model)
+    task_data = load_task_data(cfg, tokenizer)
+    encoded = task_data.train(cfg)
+
+    torch.manual_seed(cfg.seed)
+    model = load_classifier(cfg.model, task_data.task.num_labels, task_data.task.label_names).to(device)
+    gated_start = copy.deepcopy(model) if cfg.prune.init == "pretrained" else None
+    baseline_run = _plain_finetune(model, encoded, cfg)
+    baseline_metrics = evaluate_torch(model, task_data)
+    save_pruned(model.cpu(), out / "baseline", tokenizer)
+
+    gated = (gated_start if gated_start is not None else model).to(device)
+    torch.manual_seed(cfg.seed + 1)
+    gated_run, gates, gate_config = _gated_train(gated, encoded, cfg)
+    save_pruned(gated.cpu(), out / "gated", tokenizer)
+
+    write_json_atomic(out / "gates.json", {
+        "logits": gates.logits.detach().cpu().tolist(),
+        "config": gate_config.to_dict(),
+        "final_temperature": gates.temperature,
+        "steps": gated_run.steps,
+    })
+    metrics = {
+        "task": task_data.task.name,
+        "metric": task_data.task.primary_metric,
+        "train_examples": len(encoded.labels),
+        "eval_examples": len(task_data.dev.labels),
+        "baseline": baseline_metrics,
+        "baseline_train": {"steps": baseline_run.steps, "seconds": round(baseline_run.seconds, 1),
+                           "final_loss": baseline_run.final_loss},
+        "gated_train": {"steps": gated_run.steps, "seconds": round(gated_run.seconds, 1),
+                        "final_loss": gated_run.final_loss, "seconds_per_step": gated_run.seconds / gated_run.steps},
+        "device": str(device),
+    }
+    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / "train_log.json", {"baseline": baseline_run.log, "gated": gated_run.log})
+    return {"baseline_metric": baseline_metrics[task_data.task.primary_metric]}
+
+
+def read_metrics(run_dir) -> dict:
+    return json.loads((run_dir / "finetune" / "metrics.json").read_text())

@@ -1,0 +1,109 @@
+"""Stage report: report.json (schema dsprune.report/1), report.md and plots, with the gates evaluated.
+
+The report is written whatever the gates say; ``run_pipeline`` then fails the run (exit 1) on a crossed bound.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks.report import SCHEMA, speedups, write_report
+from pipeline.config import RunConfig
+from pipeline.run import versions
+from pipeline.stages.bench import variant_files
+
+STAGE_VARIANTS = (  # (stage label, variant name the metric belongs to)
+    ("fine-tuned", "baseline/torch-fp32"),
+    ("hardened", None),
+    ("pruned", "pruned/torch-fp32"),
+    ("onnx", "pruned/onnx-fp32"),
+    ("int8", "pruned/onnx-int8"),
+)
+
+
+def _read(run_dir: Path, stage: str, name: str = "metrics.json") -> dict:
+    return json.loads((run_dir / stage / name).read_text())
+
+
+def build_report(cfg: RunConfig, run_dir: Path) -> dict:
+    finetune = _read(run_dir, "finetune")
+    mask = _read(run_dir, "harden", "mask.json")
+    hardened = _read(run_dir, "harden")["hardened"]
+    pruned = _read(run_dir, "prune")
+    onnx = _read(run_dir, "export")["onnx-fp32"]
+    quant = _read(run_dir, "quantize")
+    machine = _read(run_dir, "bench", "machine.json")
+    rows = [json.loads(line) for line in (run_dir / "bench" / "rows.jsonl").read_text().splitlines() if line]
+    metric = finetune["metric"]
+
+    metric_of = {
+        "baseline/torch-fp32": finetune["baseline"], "pruned/torch-fp32": pruned["pruned"],
+        "baseline/onnx-fp32": onnx["baseline"], "pruned/onnx-fp32": onnx["pruned"],
+    }
+    for preset, by_model in quant["metrics"].items():
+        precision = preset.split("-")[0]
+        for model, values in by_model.items():
+            metric_of[f"{model}/onnx-{precision}"] = values
+    files = variant_files(cfg, run_dir)
+    variants = []
+    for name, (engine, path) in files.items():
+        model, _, kind = name.partition("/")
+        path = Path(path)
+        variants.append({
+            "name": name, "pruned": model == "pruned", "engine": engine, "precision": kind.split("-")[1],
+            "device": "cpu", "metric": metric_of[name][metric],
+            "params": pruned["params"][model], "flops_per_token": pruned["flops_per_token"][model],
+            "file_bytes": path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors")),
+            "latency": [
+                {k: r[k] for k in ("batch", "seq", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s",
+                                   "spread", "load_avg") if k in r}
+                for r in rows if r["variant"] == name
+            ],
+        })
+    baseline_metric = finetune["baseline"][metric]
+    stages = []
+    for label, variant in STAGE_VARIANTS:
+        value = hardened[metric] if variant is None else metric_of[variant][metric]
+        stages.append({"stage": label, "variant": variant, "metric": value, "drop": baseline_metric - value})
+    kept = {k: v for k, v in mask["kept_heads"].items()}
+    config = json.loads((run_dir / "config.json").read_text())
+    report = {
+        "schema": SCHEMA,
+        "model": {
+            "name": config["model"]["name"], "heads_total": sum(len(r) for r in mask["mask"]),
+            "heads_kept": sum(len(v) for v in kept.values()), "kept_heads": kept,
+            "num_layers": len(mask["mask"]), "heads_per_layer": len(mask["mask"][0]),
+        },
+        "task": {"name": finetune["task"], "metric": metric, "eval_examples": finetune["eval_examples"]},
+        "stages": stages,
+        "variants": variants,
+        "machine": machine,
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": cfg.seed,
+    }
+    report["speedups"] = speedups(report)
+    report["gates"] = evaluate_gates(cfg, report)
+    return report
+
+
+def evaluate_gates(cfg: RunConfig, report: dict) -> list[dict]:
+    gates = []
+    by_stage = {s["stage"]: s for s in report["stages"]}
+    if cfg.gates.max_metric_drop is not None:
+        drop = by_stage["int8"]["drop"]
+        gates.append({"name": "max_metric_drop (pruned/onnx-int8 vs fine-tuned)", "value": drop,
+                      "bound": cfg.gates.max_metric_drop, "passed": drop <= cfg.gates.max_metric_drop})
+    if cfg.gates.min_speedup is not None:
+        ratios = [s["p50_ratio"] for s in report["speedups"] if s["variant"] == "pruned/onnx-int8" and s["batch"] == 1]
+        value = ratios[0] if ratios else 0.0
+        gates.append({"name": "min_speedup (pruned/onnx-int8 vs baseline/torch-fp32, batch 1)", "value": value,
+                      "bound": cfg.gates.min_speedup, "passed": value >= cfg.gates.min_speedup})
+    return gates
+
+
+def run(cfg: RunConfig, run_dir, out):
+    report = build_report(cfg, Path(run_dir))
+    write_report(report, out)
+    return {"gates_failed": [g["name"] for g in report["gates"] if not g["passed"]]}

@@ -1,0 +1,102 @@
+"""The training and evaluation loops shared by every stage that trains or scores a model."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def linear_warmup_decay(optimizer, total_steps: int, warmup_steps: int):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_loss: float
+    log: list[dict]
+
+
+def train(
+    model: nn.Module,
+    epochs_of_batches: Callable[[int], Iterable[dict]],
+    *,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    on_step: Callable[[int], None] | None = None,
+    log_every: int = 50,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
+    """Run ``steps`` optimizer steps over batches drawn epoch after epoch.
+
+    Args:
+        epochs_of_batches: called with the epoch index, returns that epoch's batches (dicts with labels).
+        on_step: called with the step index before each forward (the gates' temperature follows it).
+    """
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    use_bf16 = device.type == "cuda"
+    model.train()
+    log, losses = [], []
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=description, disable=not progress, mininterval=5, leave=False)
+    step, epoch = 0, 0
+    while step < steps:
+        for batch in epochs_of_batches(epoch):
+            if step >= steps:
+                break
+            if on_step is not None:
+                on_step(step)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            if step % log_every == 0 or step == steps:
+                log.append({"step": step, "loss": float(np.mean(losses[-log_every:])),
+                            "seconds": round(time.perf_counter() - start, 2)})
+        epoch += 1
+    bar.close()
+    model.eval()
+    return TrainResult(steps, time.perf_counter() - start, float(np.mean(losses[-log_every:])), log)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable[dict]) -> np.ndarray:
+    """Logits for every batch, concatenated, in order (labels in the batches are ignored)."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    for batch in batches:
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        out.append(model(**inputs).logits.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def steps_for(epochs: float, examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(epochs * math.ceil(examples / batch_size)))

@@ -1,0 +1,208 @@
+"""report.json validation, speedups, report.md, plots and compare, on a synthetic 2 x 4 head report."""
+from __future__ import annotations
+
+import copy
+import json
+import struct
+
+import pytest
+
+from benchmarks.report import (
+    SCHEMA,
+    compare_reports,
+    head_mask,
+    speedups,
+    validate_report,
+    write_markdown,
+    write_report,
+)
+
+# p50 ms at (batch 1, batch 16), seq 128; the ratios below are computed by hand from these.
+P50 = {
+    "baseline/torch-fp32": (20.0, 200.0),
+    "baseline/onnx-fp32": (10.0, 160.0),
+    "pruned/onnx-fp32": (8.0, 100.0),
+    "pruned/onnx-int8": (5.0, 64.0),
+}
+METRIC = {"baseline/torch-fp32": 0.9125, "baseline/onnx-fp32": 0.9125, "pruned/onnx-fp32": 0.9000,
+          "pruned/onnx-int8": 0.8975}
+FILE_BYTES = {"baseline/torch-fp32": 90_868_000, "baseline/onnx-fp32": 90_950_000, "pruned/onnx-fp32": 81_000_000,
+              "pruned/onnx-int8": 23_400_000}
+
+
+def _latency(p50: float, batch: int) -> dict:
+    return {"batch": batch, "seq": 128, "threads": 2, "p50_ms": p50, "p90_ms": p50 * 1.1, "p99_ms": p50 * 1.3,
+            "throughput_per_s": batch * 1000 / p50, "spread": 1.03, "load_avg": [0.3, 0.4, 0.5]}
+
+
+@pytest.fixture
+def report() -> dict:
+    variants = []
+    for name, (p50_b1, p50_b16) in P50.items():
+        model, _, kind = name.partition("/")
+        engine, precision = kind.split("-")
+        variants.append({
+            "name": name, "pruned": model == "pruned", "engine": "torch" if engine == "torch" else "onnxruntime",
+            "precision": precision, "device": "cpu", "metric": METRIC[name],
+            "params": 22_713_216 if model == "baseline" else 21_530_000,
+            "flops_per_token": 45_400_000 if model == "baseline" else 43_000_000,
+            "file_bytes": FILE_BYTES[name], "latency": [_latency(p50_b1, 1), _latency(p50_b16, 16)],
+        })
+    baseline = 0.9125
+    stages = [{"stage": stage, "variant": variant, "metric": metric, "drop": baseline - metric}
+              for stage, variant, metric in (("fine-tuned", "baseline/torch-fp32", 0.9125), ("hardened", None, 0.9050),
+                                             ("pruned", "pruned/torch-fp32", 0.9000),
+                                             ("onnx", "pruned/onnx-fp32", 0.9000), ("int8", "pruned/onnx-int8", 0.8975))]
+    report = {
+        "schema": SCHEMA,
+        "model": {"name": "tiny-bert", "heads_total": 8, "heads_kept": 4, "kept_heads": {"0": [0, 2, 3], "1": [1]},
+                  "num_layers": 2, "heads_per_layer": 4},
+        "task": {"name": "sst2", "metric": "accuracy", "eval_examples": 872},
+        "stages": stages,
+        "variants": variants,
+        "gates": [
+            {"name": "max_metric_drop", "value": 0.015, "bound": 0.02, "passed": True},
+            {"name": "min_speedup", "value": 4.0, "bound": 5.0, "passed": False},
+        ],
+        "machine": {"cpu": "Test CPU @ 2.0GHz", "cores": 2, "load_avg": [0.3, 0.4, 0.5], "platform": "Linux-x86_64",
+                    "python": "3.11.7"},
+        "versions": {"torch": "2.13.0", "transformers": "5.0.0", "onnxruntime": "1.22.0", "onnx": "1.18.0",
+                     "dsprune": "0.1.0"},
+        "created": "2026-05-09T12:00:00+00:00",
+        "seed": 0,
+    }
+    report["speedups"] = speedups(report)
+    return report
+
+
+def _variant(report: dict, name: str) -> dict:
+    return next(v for v in report["variants"] if v["name"] == name)
+
+
+def test_validate_accepts_the_report_and_extra_fields(report):
+    validate_report(report)
+    report["future_field"] = {"anything": 1}  # additive changes keep schema v1
+    validate_report(report)
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda r: r["variants"][2]["latency"][0].pop("p50_ms"), "field 'variants[2].latency[0].p50_ms' is missing"),
+    (lambda r: r["model"].pop("heads_kept"), "field 'model.heads_kept' is missing"),
+    (lambda r: r["variants"][1].update(params="22M"), "field 'variants[1].params' must be an integer, got str"),
+    (lambda r: r["gates"][0].update(passed="yes"), "field 'gates[0].passed' must be a bool"),
+    (lambda r: r["machine"].update(load_avg=[0.1, 0.2]), "field 'machine.load_avg' must hold 3 items"),
+    (lambda r: r["stages"][0].update(stage="tuned"), "field 'stages[0].stage' must be one of"),
+    (lambda r: r.update(schema="dsprune.report/2"), "field 'schema' is 'dsprune.report/2'"),
+    (lambda r: r["model"]["kept_heads"]["1"].append(4), "field 'model.kept_heads.1[1]' must be a head 0..3"),
+    (lambda r: r["model"].update(heads_kept=5), "field 'model.heads_kept' is 5 but model.kept_heads lists 4"),
+])
+def test_validate_rejects_with_dotted_path(report, mutate, message):
+    mutate(report)
+    with pytest.raises(ValueError) as error:
+        validate_report(report)
+    assert message in str(error.value)
+    assert str(error.value).startswith("report.json: ") and "\n" not in str(error.value)
+
+
+def test_speedups_are_reference_over_variant_p50(report):
+    ratios = {(s["variant"], s["batch"]): s["p50_ratio"] for s in speedups(report)}
+    assert ratios == pytest.approx({
+        ("baseline/onnx-fp32", 1): 2.0, ("baseline/onnx-fp32", 16): 1.25,
+        ("pruned/onnx-fp32", 1): 2.5, ("pruned/onnx-fp32", 16): 2.0,
+        ("pruned/onnx-int8", 1): 4.0, ("pruned/onnx-int8", 16): 3.125,
+    })
+    assert {(s["reference"], s["seq"]) for s in speedups(report)} == {("baseline/torch-fp32", 128)}
+    vs_onnx = {(s["variant"], s["batch"]): s["p50_ratio"] for s in speedups(report, reference="baseline/onnx-fp32")}
+    assert vs_onnx[("pruned/onnx-int8", 16)] == pytest.approx(2.5)
+
+
+def test_speedups_skip_shapes_the_reference_lacks(report):
+    _variant(report, "pruned/onnx-int8")["latency"].append(_latency(300.0, 64))
+    assert not [s for s in speedups(report) if s["batch"] == 64]
+    assert speedups(report, reference="no/such-variant") == []
+
+
+def test_head_mask(report):
+    assert head_mask(report) == [[1, 0, 1, 1], [0, 1, 0, 0]]
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_write_report_writes_every_file(report, tmp_path):
+    from matplotlib.image import imread
+
+    paths = write_report(report, tmp_path / "report")
+    assert set(paths) == {"json", "markdown", "latency", "head_mask", "accuracy_latency"}
+    assert json.loads(paths["json"].read_text()) == report
+    assert paths["json"].read_text() == json.dumps(report, indent=2, sort_keys=True) + "\n"
+    for name in ("latency", "head_mask", "accuracy_latency"):
+        width, height = _png_size(paths[name].read_bytes())
+        assert width >= 300 and height >= 200, name
+        pixels = imread(paths[name])
+        assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::7]}) > 20, f"{name} looks blank"
+        assert f"]({paths[name].name})" in paths["markdown"].read_text()
+    assert not [p for p in (tmp_path / "report").iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+def test_write_report_validates_first(report, tmp_path):
+    del report["versions"]["onnx"]
+    with pytest.raises(ValueError, match="'versions.onnx' is missing"):
+        write_report(report, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_markdown_summary_and_tables(report, tmp_path):
+    text = write_markdown(report, tmp_path / "report.md").read_text()
+    assert text.startswith("# dsprune report: tiny-bert on sst2")
+    assert "**4 of 8**" in text
+    assert "**pruned/onnx-int8**, p50 5.00 ms, **4.00x** faster than baseline/torch-fp32" in text
+    assert "file 23.4 MB (baseline/torch-fp32: 90.9 MB)" in text
+    assert "int8 0.8975 (drop +1.50 pts)" in text
+    assert "| pruned/onnx-int8 | 16 | 128 | 2 | 64.00 | 70.40 | 83.20 | 250.0 | 3.12x |" in text
+    assert "| min_speedup | 4 | 5 | **FAIL** |" in text and "| max_metric_drop | 0.015 | 0.02 | PASS |" in text
+    assert "| 0 | 3 of 4 | 0, 2, 3 |" in text and "| 1 | 1 of 4 | 1 |" in text
+    assert "timings may be noisy" not in text
+
+
+@pytest.mark.parametrize(("load", "spread", "noisy"), [
+    (1.0, 1.03, False),  # exactly half of 2 cores is still quiet
+    (1.01, 1.03, True),
+    (0.3, 1.2, False),
+    (0.3, 1.25, True),
+])
+def test_markdown_warns_exactly_when_timings_are_noisy(report, tmp_path, load, spread, noisy):
+    row = _variant(report, "pruned/onnx-fp32")["latency"][1]
+    row["load_avg"][0], row["spread"] = load, spread
+    text = write_markdown(report, tmp_path / "report.md").read_text()
+    assert ("timings may be noisy" in text) is noisy
+    if noisy:
+        assert "pruned/onnx-fp32 batch 16" in text
+
+
+def test_compare_identical_reports_is_empty(report):
+    assert compare_reports(report, copy.deepcopy(report)) == []
+
+
+def test_compare_finds_latency_and_metric_regressions(report):
+    new = copy.deepcopy(report)
+    _variant(new, "pruned/onnx-int8")["latency"][1]["p50_ms"] *= 1.2
+    _variant(new, "pruned/onnx-fp32")["latency"][0]["p50_ms"] *= 1.05  # inside the 10% tolerance
+    _variant(new, "pruned/onnx-int8")["metric"] -= 0.02
+    lines = compare_reports(report, new)
+    assert len(lines) == 2, lines
+    assert "pruned/onnx-int8: accuracy 0.8975 -> 0.8775 (-2.00 pts" in lines[0]
+    assert "pruned/onnx-int8 batch 16 seq 128 threads 2: p50 64.00 ms -> 76.80 ms (+20.0%" in lines[1]
+    assert compare_reports(report, new, metric_tolerance=0.03, latency_tolerance=0.25) == []
+
+
+def test_compare_reports_stage_without_variant_and_missing_variant(report):
+    new = copy.deepcopy(report)
+    new["stages"][1]["metric"] -= 0.01
+    new["variants"] = [v for v in new["variants"] if v["name"] != "baseline/onnx-fp32"]
+    assert compare_reports(report, new) == [
+        "stage hardened: accuracy 0.9050 -> 0.8950 (-1.00 pts, tolerance 0.50 pts)",
+        "baseline/onnx-fp32: missing from the new report",
+    ]
