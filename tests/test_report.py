@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from benchmarks.report import (
     SCHEMA,
     compare_reports,
     head_mask,
+    plot_latency,
     speedups,
     validate_report,
     write_markdown,
@@ -206,3 +208,14 @@ def test_compare_reports_stage_without_variant_and_missing_variant(report):
         "stage hardened: accuracy 0.9050 -> 0.8950 (-1.00 pts, tolerance 0.50 pts)",
         "baseline/onnx-fp32: missing from the new report",
     ]
+
+
+def test_schema_doc_example_is_valid():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "report-schema.md").read_text()
+    example = text.split("```json", 1)[1].split("```", 1)[0]
+    validate_report(json.loads(example))
+
+
+def test_plots_are_byte_for_byte_repeatable(report, tmp_path):
+    first = plot_latency(report, tmp_path / "a.png").read_bytes()
+    assert plot_latency(report, tmp_path / "b.png").read_bytes() == first

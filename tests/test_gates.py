@@ -1,0 +1,138 @@
+"""Gumbel-soft-top-K, the temperature schedule, hardening and the gate hooks."""
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_bert
+from pipeline.gates import (
+    GateConfig,
+    add_fixed_mask_,
+    add_head_gates_,
+    gumbel_soft_top_k,
+    harden,
+    kept_heads_from_mask,
+    remove_head_gates_,
+    temperature_at,
+    top_k_mask,
+)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("temperature", [100.0, 1.0, 0.01])
+def test_soft_top_k_mass_sums_to_k(k, temperature):
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(12, generator=g, dtype=torch.float64)
+    mask = gumbel_soft_top_k(logits, k, temperature, generator=g)
+    assert mask.sum().item() == pytest.approx(k, abs=1e-9)
+    assert (mask >= 0).all()  # an entry may pass 1 at high T: the relaxation bounds only the sum
+
+
+def test_soft_top_k_approaches_hard_top_k_as_temperature_falls():
+    logits = torch.tensor([0.3, -1.0, 2.0, 0.9, 0.1, 1.5], dtype=torch.float64)
+    hard = top_k_mask(logits, 3)
+    temperatures = (0.5, 0.1, 0.02, 1e-3)
+    errors = [(gumbel_soft_top_k(logits, 3, t, noise=False) - hard).abs().max().item() for t in temperatures]
+    assert errors == sorted(errors, reverse=True)  # monotone towards the hard subset
+    assert errors[0] > 0.1
+    assert errors[-1] < 1e-6
+
+
+def test_gradients_reach_the_logits(tiny_inputs):
+    model = make_tiny_bert()
+    gates = add_head_gates_(model, GateConfig(keep=3, temperature_start=1.0, temperature_end=1.0))
+    model.train()
+    labels = torch.tensor([0, 1, 0])
+    model(**tiny_inputs, labels=labels).loss.backward()
+    assert gates.logits.grad is not None
+    assert gates.logits.grad.abs().sum() > 0
+    assert gates.mask.sum().item() == pytest.approx(3)
+
+
+def test_ste_forward_is_hard_and_backward_is_identity(tiny_inputs):
+    model = make_tiny_bert()
+    gates = add_head_gates_(model, GateConfig(keep=5, method="ste"))
+    model.train()
+    model(**tiny_inputs, labels=torch.tensor([0, 1, 0])).loss.backward()
+    assert set(gates.mask.unique().tolist()) == {0.0, 1.0} and gates.mask.sum() == 5
+    assert gates.logits.grad.abs().sum() > 0
+
+
+def test_temperature_schedule_is_log_linear_then_held():
+    cfg = GateConfig(keep=2, temperature_start=1000.0, temperature_end=1e-8, cooldown_steps=100)
+    assert temperature_at(0, cfg) == pytest.approx(1000.0)
+    assert temperature_at(50, cfg) == pytest.approx(math.sqrt(1000.0 * 1e-8))
+    assert temperature_at(100, cfg) == pytest.approx(1e-8)
+    assert temperature_at(10_000, cfg) == pytest.approx(1e-8)
+
+
+@pytest.mark.parametrize("keep", [1, 5, 8, 36, 71, 72])
+def test_harden_keeps_exactly_k_even_with_ties(keep):
+    logits = torch.zeros(6, 12, dtype=torch.float64)  # all tied: the lowest indices win
+    logits[2, 3] = 5.0
+    mask = harden(logits, keep)
+    assert mask.sum().item() == keep
+    assert mask[2, 3]
+
+
+def test_harden_per_layer_and_bad_budgets():
+    logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    mask = harden(logits, 8, per_layer=True)
+    assert mask.sum(1).tolist() == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="divisible"):
+        harden(logits, 6, per_layer=True)
+    with pytest.raises(ValueError, match="keep must be in"):
+        harden(logits, 25)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_gate_config_rejects_bad_k(bad):
+    with pytest.raises(ValueError, match="keep must be a positive integer"):
+        GateConfig(keep=bad)
+
+
+def test_gates_refuse_k_above_head_count():
+    with pytest.raises(ValueError, match="exceeds"):
+        add_head_gates_(make_tiny_bert(), GateConfig(keep=9))
+
+
+def test_eval_mode_uses_the_hard_mask_and_removal_restores_the_model(tiny_inputs):
+    model = make_tiny_bert()
+    with torch.no_grad():
+        before = model(**tiny_inputs).logits
+    gates = add_head_gates_(model, GateConfig(keep=3))
+    model.eval()
+    with torch.no_grad():
+        gated = model(**tiny_inputs).logits
+        expected_mask = harden(gates.logits, 3).double()
+    assert torch.equal(gates.mask, expected_mask)
+    handles = add_fixed_mask_(make_tiny_bert(), expected_mask)  # same weights (same seed), fixed mask
+    assert handles
+    remove_head_gates_(model)
+    assert not hasattr(model, "head_gates")
+    with torch.no_grad():
+        after = model(**tiny_inputs).logits
+    assert torch.equal(before, after)
+    assert not torch.allclose(before, gated)
+
+
+def test_gated_training_is_deterministic_for_a_seed(tiny_inputs):
+    def train_once():
+        model = make_tiny_bert()
+        gates = add_head_gates_(model, GateConfig(keep=3, temperature_start=10.0, temperature_end=0.1,
+                                                  cooldown_steps=5), seed=7)
+        optimizer = torch.optim.AdamW([gates.logits], lr=0.5)
+        model.train()
+        for step in range(5):
+            gates.step = step
+            model(**tiny_inputs, labels=torch.tensor([0, 1, 1])).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return gates.logits.detach().clone()
+
+    assert torch.equal(train_once(), train_once())
+
+
+def test_kept_heads_from_mask():
+    mask = torch.tensor([[1, 0, 1], [0, 0, 0]])
+    assert kept_heads_from_mask(mask) == {0: [0, 2], 1: []}
