@@ -1,4 +1,8 @@
-"""Export a (pruned) sequence classifier to one self-contained ONNX file and check it against PyTorch.
+"""Export a (pruned) classifier to one self-contained ONNX file and check it against PyTorch.
+
+Text models take int64 ``input_ids``/``attention_mask``/``token_type_ids`` (those the model's
+forward accepts) with dynamic batch and sequence axes; vision models (ViT) take float
+``pixel_values`` with a dynamic batch axis and the fixed image size they were built for.
 
 The exporter is the legacy TorchScript one (``torch.onnx.export(..., dynamo=False)``). Both exporters
 were measured on the tiny test model and on all-MiniLM-L6-v2 with uneven head counts and headless
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+IMAGE_INPUT_NAMES = ("pixel_values",)
 OUTPUT_NAME = "logits"
 
 
@@ -44,6 +49,29 @@ def default_example(batch: int = 2, seq: int = 8) -> dict[str, Tensor]:
         "attention_mask": torch.ones_like(input_ids),
         "token_type_ids": torch.zeros_like(input_ids),
     }
+
+
+def default_image_example(config, batch: int = 2) -> dict[str, Tensor]:
+    """A fixed (batch, channels, height, width) float example at the model's image size."""
+    import torch
+
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    generator = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.randn(batch, config.num_channels, height, width, generator=generator)}
+
+
+def _is_image_model(model) -> bool:
+    return getattr(model, "main_input_name", "input_ids") == "pixel_values"
+
+
+def _accepted_inputs(model, batch: Mapping) -> tuple[str, ...]:
+    """The graph inputs: known input names present in ``batch`` that the model's forward names."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    known = IMAGE_INPUT_NAMES if _is_image_model(model) else INPUT_NAMES
+    return tuple(n for n in known if n in batch and n in parameters)
 
 
 def _logits_module(model: nn.Module, names: tuple[str, ...]):
@@ -72,16 +100,18 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` to a single ONNX file with dynamic batch and sequence axes.
 
-    The graph inputs are those of ``INPUT_NAMES`` present in ``example`` (all three by default), the
-    output is ``logits``. The file is written atomically (temp file in the same folder, then
+    The graph inputs are those of ``INPUT_NAMES`` present in ``example`` that the model's forward
+    accepts (all three by default for BERT), the output is ``logits``. An image model (ViT) gets one
+    float ``pixel_values`` input with a dynamic batch axis; its image size is fixed. The file is written atomically (temp file in the same folder, then
     renamed) and holds its weights inline. The model is exported in eval mode, fp32, without
     gradients; its training flag is restored afterwards.
 
     Args:
-        model: a sequence classifier whose output has ``.logits``; may be pruned to uneven heads.
+        model: a sequence or image classifier whose output has ``.logits``; may be pruned to uneven heads.
         path: where to write the ``.onnx`` file.
         opset: ONNX opset version.
-        example: int64 tensors of shape (batch, seq) to trace with; a fixed random one when None.
+        example: int64 tensors of shape (batch, seq), or float ``pixel_values`` (batch, C, H, W), to
+            trace with; a fixed random one when None.
         dynamo: use the torch.export-based exporter instead of the legacy TorchScript one.
 
     Returns:
@@ -92,9 +122,16 @@ def export_onnx(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = dict(example) if example is not None else default_example()
-    names = tuple(n for n in INPUT_NAMES if n in example)
-    args = tuple(example[n].to(torch.int64) for n in names)
+    image = _is_image_model(model)
+    if example is None:
+        example = default_image_example(model.config) if image else default_example()
+    example = dict(example)
+    names = _accepted_inputs(model, example)
+    if not names:
+        raise ValueError(f"example has none of the inputs {IMAGE_INPUT_NAMES if image else INPUT_NAMES}; "
+                         f"it has {sorted(example)}")
+    args = tuple(example[n].to(torch.float32 if image else torch.int64) for n in names)
+    dynamic = {n: ({0: "batch"} if image else {0: "batch", 1: "seq"}) for n in names}
     was_training = model.training
     module = _logits_module(model, names)  # puts model in eval mode too
 
@@ -104,10 +141,10 @@ def export_onnx(
     sidecar = Path(f"{tmp}.data")
     try:
         if dynamo:
-            batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-            axes = {"dynamic_shapes": {"tensors": tuple({0: batch, 1: seq} for _ in names)}}
+            dims = {"batch": torch.export.Dim("batch"), "seq": torch.export.Dim("seq")}
+            axes = {"dynamic_shapes": {"tensors": tuple({i: dims[d] for i, d in dynamic[n].items()} for n in names)}}
         else:
-            axes = {"dynamic_axes": {**{n: {0: "batch", 1: "seq"} for n in names}, OUTPUT_NAME: {0: "batch"}}}
+            axes = {"dynamic_axes": {**dynamic, OUTPUT_NAME: {0: "batch"}}}
         with torch.no_grad(), warnings.catch_warnings():
             # The legacy exporter warns that it is deprecated, the tracer warns about transformers'
             # Python-side shape checks, and aten::index warns about negative indices (the mask's
@@ -149,13 +186,18 @@ def onnx_session(path, threads: int | None = None) -> onnxruntime.InferenceSessi
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+# onnxruntime's type strings for the inputs the exporter declares.
+_NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(float)": np.float32}
+
+
 def _feeds(session, batch: Mapping) -> dict[str, np.ndarray]:
-    declared = [i.name for i in session.get_inputs()]
+    declared = {i.name: i.type for i in session.get_inputs()}
     missing = [n for n in declared if n not in batch]
     if missing:
         raise ValueError(f"batch lacks the graph inputs {missing}; it has {sorted(batch)}")
-    return {n: np.asarray(batch[n].numpy() if hasattr(batch[n], "numpy") else batch[n], dtype=np.int64)
-            for n in declared}
+    return {n: np.asarray(batch[n].numpy() if hasattr(batch[n], "numpy") else batch[n],
+                          dtype=_NUMPY_TYPES.get(kind, np.int64))
+            for n, kind in declared.items()}
 
 
 def predict_onnx(session, batches: Iterable[Mapping]) -> np.ndarray:
@@ -166,7 +208,7 @@ def predict_onnx(session, batches: Iterable[Mapping]) -> np.ndarray:
 
     Args:
         session: from :func:`onnx_session`.
-        batches: dicts of int tensors or arrays of shape (batch, seq).
+        batches: dicts of int tensors or arrays of shape (batch, seq), or float ``pixel_values``.
 
     Returns:
         float32 array of shape (total examples, num_labels).
@@ -183,7 +225,7 @@ def check_parity(model: nn.Module, onnx_path, inputs: Mapping[str, Tensor], *, a
     Args:
         model: the model that was exported.
         onnx_path: its ONNX file.
-        inputs: int64 tensors of shape (batch, seq).
+        inputs: int64 tensors of shape (batch, seq), or float ``pixel_values`` for an image model.
         atol: the largest difference accepted.
 
     Returns:
@@ -200,10 +242,10 @@ def check_parity(model: nn.Module, onnx_path, inputs: Mapping[str, Tensor], *, a
     model.eval()
     try:
         with torch.no_grad():
-            expected = model(**{k: v for k, v in inputs.items() if k in INPUT_NAMES}).logits.float().numpy()
+            expected = model(**{k: inputs[k] for k in _accepted_inputs(model, inputs)}).logits.float().numpy()
     finally:
         model.train(was_training)
-    shape = tuple(inputs["input_ids"].shape)
+    shape = tuple(inputs["pixel_values" if _is_image_model(model) else "input_ids"].shape)
     if got.shape != expected.shape:
         raise ParityError(f"{onnx_path}: ONNX logits have shape {got.shape}, PyTorch {expected.shape} "
                           f"(inputs of shape {shape})")

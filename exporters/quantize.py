@@ -1,6 +1,7 @@
 """Named quantization presets for ONNX models, one config each."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ def quantize(onnx_in, onnx_out, preset: str = "int8-dynamic") -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{onnx_out.name}.", suffix=".tmp", dir=onnx_out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    root = logging.getLogger()
+    level = root.level
+    # onnxruntime logs a pre-processing advice on the root logger at every call; its shape
+    # inference fails on these graphs and skipping it changed neither size nor accuracy.
+    root.setLevel(logging.ERROR)
     try:
         quantize_dynamic(
             Path(onnx_in), tmp,
@@ -77,5 +83,6 @@ def quantize(onnx_in, onnx_out, preset: str = "int8-dynamic") -> Path:
         )
         os.replace(tmp, onnx_out)
     finally:
+        root.setLevel(level)
         tmp.unlink(missing_ok=True)
     return onnx_out

@@ -2,9 +2,25 @@
 
 One small adapter per family, in one table. Gating, surgery, FLOP counting and export ask the
 adapter for the q/k/v/o projections of every layer instead of hard-coding module names.
+
+The families differ in three ways that surgery must respect (read from transformers 5's modeling code):
+
+- Where the residual and LayerNorm sit. BERT, RoBERTa, XLM-R, ELECTRA and MPNet apply
+  ``LayerNorm(attention + hidden)`` inside the attention block; DistilBERT applies ``sa_layer_norm``
+  in the layer, after the block; ViT is pre-LN (``layernorm_before`` runs before the block, the
+  layer adds the residual). A headless block therefore returns ``LayerNorm(hidden + output_bias)``
+  in the first group and only the output bias in the other two (``layer_norm == ""``).
+- Where the head count lives. Every family here infers the head count from tensor shapes in its
+  ``view`` calls (``-1``), but MPNet reshapes its context with ``all_head_size``; surgery updates
+  both attributes wherever the family has them.
+- Per-head inputs computed outside the layer. MPNet's encoder computes one relative position bias
+  of shape (batch, heads, q, k) for all layers from a single shared ``relative_attention_bias``
+  table; a pruned MPNet layer selects its kept heads' columns of that bias (see
+  :func:`select_position_bias_heads_`), so the shared table stays whole.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +39,15 @@ class ArchitectureAdapter:
         layers: dotted path from the base model (``model.base_model``) to the list of layers.
         attention: path from a layer to the attention block that surgery may replace whole.
         query, key, value, output: paths from the attention block to its projections.
-        heads_module: path from the attention block to the module that holds the head count.
+        heads_module: path from the attention block to the module that holds the head count
+            ("" for the block itself).
         head_count_attr: attribute on ``heads_module`` holding the number of heads.
         all_head_size_attr: attribute holding heads * head_dim, or "" when the family has none.
-        layer_norm: path from the attention block to the post-attention LayerNorm (headless layers keep it).
+        layer_norm: path from the attention block to the LayerNorm that the block itself applies
+            after the residual (headless blocks keep it); "" when the layer applies the residual
+            (and any LayerNorm) outside the block, so a headless block returns the output bias alone.
+        position_bias_arg: name of a ``heads_module.forward`` argument that carries a per-head bias of
+            shape (batch, original heads, q, k) computed outside the layer; "" when there is none.
     """
 
     layers: str
@@ -39,6 +60,7 @@ class ArchitectureAdapter:
     head_count_attr: str
     all_head_size_attr: str
     layer_norm: str
+    position_bias_arg: str = ""
 
 
 _BERT_LIKE = ArchitectureAdapter(
@@ -59,6 +81,47 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
     "roberta": _BERT_LIKE,
     "xlm-roberta": _BERT_LIKE,
     "electra": _BERT_LIKE,
+    # TransformerBlock: sa_layer_norm(attention(x) + x) in the layer, so no LayerNorm in the block.
+    "distilbert": ArchitectureAdapter(
+        layers="transformer.layer",
+        attention="attention",
+        query="q_lin",
+        key="k_lin",
+        value="v_lin",
+        output="out_lin",
+        heads_module="",
+        head_count_attr="n_heads",
+        all_head_size_attr="",
+        layer_norm="",
+    ),
+    # MPNetAttention: LayerNorm(attn(x).o + x); the encoder passes one position bias to every layer.
+    "mpnet": ArchitectureAdapter(
+        layers="encoder.layer",
+        attention="attention",
+        query="attn.q",
+        key="attn.k",
+        value="attn.v",
+        output="attn.o",
+        heads_module="attn",
+        head_count_attr="num_attention_heads",
+        all_head_size_attr="all_head_size",
+        layer_norm="LayerNorm",
+        position_bias_arg="position_bias",
+    ),
+    # Pre-LN ViTLayer: x + attention(layernorm_before(x)); transformers 5 names the projections
+    # q_proj/k_proj/v_proj/o_proj directly on ViTAttention (older checkpoints are renamed on load).
+    "vit": ArchitectureAdapter(
+        layers="layers",
+        attention="attention",
+        query="q_proj",
+        key="k_proj",
+        value="v_proj",
+        output="o_proj",
+        heads_module="",
+        head_count_attr="num_attention_heads",
+        all_head_size_attr="",
+        layer_norm="",
+    ),
 }
 
 
@@ -78,8 +141,9 @@ def adapter_for(model_or_config) -> ArchitectureAdapter:
 
 
 def get_path(root: nn.Module, path: str):
+    """The object at dotted ``path`` below ``root``; "" is ``root`` itself."""
     obj = root
-    for part in path.split("."):
+    for part in path.split(".") if path else ():
         obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
     return obj
 
@@ -108,7 +172,8 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def head_dim(config) -> int:
-    return config.hidden_size // config.num_attention_heads
+    # ViT's attention reads an optional config.head_dim; the other families derive it.
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def attention_parts(model: nn.Module) -> list[AttentionParts]:
@@ -140,15 +205,58 @@ def attention_parts(model: nn.Module) -> list[AttentionParts]:
 class HeadlessAttention(nn.Module):
     """The attention block of a layer whose heads were all removed.
 
-    With no heads the output projection sees zeros, so the block reduces to
-    ``LayerNorm(hidden + output_bias)``. Keeping this explicit avoids zero-width tensors,
-    which exported ONNX graphs reject.
+    With no heads the output projection sees zeros and returns its bias. For families whose block
+    applies the residual and LayerNorm itself (BERT-like, MPNet) the block reduces to
+    ``LayerNorm(hidden + output_bias)``; for those whose layer does it (DistilBERT, ViT; pass
+    ``layer_norm=None``) it returns the bias broadcast to the input's shape and the layer adds the
+    residual. Either way it returns ``(output, None)``, the (output, attention weights) pair every
+    supported layer unpacks. Keeping this explicit avoids zero-width tensors, which exported ONNX
+    graphs reject.
     """
 
-    def __init__(self, bias: torch.Tensor, layer_norm: nn.LayerNorm):
+    def __init__(self, bias: torch.Tensor, layer_norm: nn.LayerNorm | None = None):
         super().__init__()
         self.bias = nn.Parameter(bias.detach().clone())
         self.LayerNorm = layer_norm
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.LayerNorm is None:
+            return self.bias.expand_as(hidden_states), None
         return self.LayerNorm(hidden_states + self.bias), None
+
+
+# Name of the non-persistent buffer on a pruned attention module that lists its kept heads in
+# original numbering, for families whose per-head position bias comes from outside the layer.
+POSITION_BIAS_HEADS = "dsprune_position_bias_heads"
+
+
+def _select_kept_bias_heads(module: nn.Module, args: tuple, kwargs: dict):
+    name, position = module._dsprune_position_bias_arg
+    index = getattr(module, POSITION_BIAS_HEADS)
+    if name in kwargs:
+        if kwargs[name] is not None:
+            kwargs = {**kwargs, name: kwargs[name].index_select(1, index)}
+    elif len(args) > position and args[position] is not None:
+        args = (*args[:position], args[position].index_select(1, index), *args[position + 1:])
+    return args, kwargs
+
+
+def select_position_bias_heads_(module: nn.Module, argument: str, kept_heads: list[int]) -> None:
+    """Make ``module`` use only the ``kept_heads`` columns of the per-head bias passed as ``argument``.
+
+    MPNet's encoder computes one relative position bias for all original heads and hands it to every
+    layer. Indexing it per layer keeps the shared ``relative_attention_bias`` table (and so the
+    state dict) unchanged, which makes reload exact and exports as a constant-index Gather. The kept
+    heads live in a non-persistent buffer (absent from the state dict; ``load_pruned`` rebuilds it
+    from config.json), and the pre-hook is a module-level function so deep copies keep working.
+    """
+    index = torch.tensor(kept_heads, dtype=torch.long, device=next(module.parameters()).device)
+    if hasattr(module, POSITION_BIAS_HEADS):
+        setattr(module, POSITION_BIAS_HEADS, index)
+        return
+    names = [p for p in inspect.signature(module.forward).parameters]
+    if argument not in names:
+        raise ValueError(f"{type(module).__name__}.forward has no argument {argument!r}")
+    module._dsprune_position_bias_arg = (argument, names.index(argument))
+    module.register_buffer(POSITION_BIAS_HEADS, index, persistent=False)
+    module.register_forward_pre_hook(_select_kept_bias_heads, with_kwargs=True)

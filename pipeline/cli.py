@@ -15,6 +15,7 @@ import click
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _bad_input_types():
@@ -92,7 +93,7 @@ def _print_summary(run_dir: Path) -> None:
         data = json.loads(report.read_text())
         metric = data["task"]["metric"]
         for stage in data["stages"]:
-            click.echo(f"  {stage['stage']:<11} {metric} {stage['metric']:.4f}  (drop {100 * stage['drop']:+.2f} pts)")
+            click.echo(f"  {stage['stage']:<11} {metric} {stage['metric']:.4f}  ({-100 * stage['drop']:+.2f} pts vs fine-tuned)")
         for s in data["speedups"]:
             if s["variant"].startswith("pruned/"):
                 click.echo(f"  {s['variant']:<18} batch {s['batch']:>3}: {s['p50_ratio']:.2f}x vs {s['reference']}")

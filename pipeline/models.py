@@ -39,6 +39,7 @@ def load_classifier(config: ModelConfig, num_labels: int, label_names=None):
 
     Weights load only from safetensors; remote code runs only when the config says so.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
@@ -52,6 +53,7 @@ def load_classifier(config: ModelConfig, num_labels: int, label_names=None):
         return AutoModelForSequenceClassification.from_pretrained(
             source,
             num_labels=num_labels,
+            dtype=torch.float32,  # fp16 checkpoints (the GPU upload bundle) train in fp32 + autocast
             attn_implementation=config.attn_implementation,
             use_safetensors=True,
             trust_remote_code=config.trust_remote_code,

@@ -16,6 +16,7 @@ from pipeline.architectures import (
     attention_parts,
     encoder_layers,
     get_path,
+    select_position_bias_heads_,
     set_path,
 )
 
@@ -44,7 +45,9 @@ def prune_heads_(model: nn.Module, kept_heads: dict[int, list[int]]) -> nn.Modul
     """Remove every head not listed in ``kept_heads`` from ``model``, in place.
 
     Slices the q/k/v rows and the output projection's columns of each layer and updates its head
-    count. A layer left with no heads gets a :class:`HeadlessAttention` (output bias + LayerNorm).
+    count. A layer left with no heads gets a :class:`HeadlessAttention` (the output bias, plus the
+    LayerNorm where the family's block applies it). Where a family feeds each layer a per-head bias
+    computed for all heads (MPNet), the layer selects its kept heads' columns of it.
     Head indices refer to the layer's current heads, so an unpruned model takes original indices.
     The kept heads, in original numbering, are recorded in ``model.config``.
 
@@ -64,8 +67,8 @@ def prune_heads_(model: nn.Module, kept_heads: dict[int, list[int]]) -> nn.Modul
         previous[part.layer] = [previous[part.layer][h] for h in keep]
         layer = layers[part.layer]
         if not keep:
-            set_path(layer, adapter.attention,
-                     HeadlessAttention(part.output.bias, get_path(part.block, adapter.layer_norm)))
+            layer_norm = get_path(part.block, adapter.layer_norm) if adapter.layer_norm else None
+            set_path(layer, adapter.attention, HeadlessAttention(part.output.bias, layer_norm))
             continue
         rows = torch.tensor([h * part.head_dim + d for h in keep for d in range(part.head_dim)],
                             device=part.query.weight.device)
@@ -77,6 +80,8 @@ def prune_heads_(model: nn.Module, kept_heads: dict[int, list[int]]) -> nn.Modul
         setattr(heads_module, adapter.head_count_attr, len(keep))
         if adapter.all_head_size_attr:
             setattr(heads_module, adapter.all_head_size_attr, len(keep) * part.head_dim)
+        if adapter.position_bias_arg:
+            select_position_bias_heads_(heads_module, adapter.position_bias_arg, previous[part.layer])
     setattr(model.config, KEPT_HEADS_KEY, {str(k): v for k, v in sorted(previous.items())})
     return model
 
@@ -106,11 +111,19 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def save_pruned(model: nn.Module, path, tokenizer=None) -> Path:
-    """Write ``model`` (pruned or not) as safetensors + config.json (+ tokenizer) to ``path``, atomically.
+def save_pruned(model: nn.Module, path, tokenizer=None, *, processor=None) -> Path:
+    """Write ``model`` (pruned or not) as safetensors + config.json (+ tokenizer/processor) to ``path``, atomically.
 
     The config records the kept heads, so :func:`load_pruned` (or anyone reading config.json)
-    can rebuild the shapes without dsprune's run folder.
+    can rebuild the shapes without dsprune's run folder. The weights keep the model's own state-dict
+    names (transformers 5 would otherwise write some families, ViT among them, under their
+    pre-5 names), so a reload is a plain ``load_state_dict`` and shape errors name real modules.
+
+    Args:
+        model: the model to write; head gates must be removed first.
+        path: the folder to (re)place.
+        tokenizer: saved beside the weights when given (text models).
+        processor: an image processor (or any object with ``save_pretrained``), saved when given.
     """
     path = Path(path)
     if hasattr(model, "head_gates"):
@@ -119,9 +132,10 @@ def save_pruned(model: nn.Module, path, tokenizer=None) -> Path:
         setattr(model.config, KEPT_HEADS_KEY, {str(k): v for k, v in current_kept_heads(model).items()})
     tmp = _atomic_dir(path)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True, save_original_format=False)
+        for extra in (tokenizer, processor):
+            if extra is not None:
+                extra.save_pretrained(tmp)
         _replace_dir(tmp, path)
     finally:
         if tmp.exists():
@@ -129,18 +143,43 @@ def save_pruned(model: nn.Module, path, tokenizer=None) -> Path:
     return path
 
 
+# The Auto class that rebuilds each task head, by the suffix of the saved config's architectures.
+_AUTO_CLASSES = {
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "ForImageClassification": "AutoModelForImageClassification",
+}
+
+
+def _auto_class(config, config_path: Path):
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        return transformers.AutoModelForSequenceClassification
+    for suffix, auto_name in _AUTO_CLASSES.items():
+        if architectures[0].endswith(suffix):
+            return getattr(transformers, auto_name)
+    raise CheckpointError(
+        f"{config_path}: architectures {architectures} has no loader; supported: "
+        f"{', '.join('*' + s for s in _AUTO_CLASSES)} (or pass model_class)"
+    )
+
+
 def load_pruned(path, *, attn_implementation: str | None = None, model_class=None) -> nn.Module:
     """Rebuild a checkpoint written by :func:`save_pruned` and load its weights, nothing missing.
 
-    The model class comes from the saved config (``AutoModelForSequenceClassification`` unless
-    ``model_class`` says otherwise); the kept heads in config.json give the shapes.
+    The model class comes from the saved config's ``architectures`` (``AutoModelForSequenceClassification``
+    for ``*ForSequenceClassification`` or when absent, ``AutoModelForImageClassification`` for
+    ``*ForImageClassification``) unless ``model_class`` says otherwise; the kept heads in config.json
+    give the shapes.
 
     Raises:
-        CheckpointError: missing files, or weights whose shapes disagree with the recorded heads.
+        CheckpointError: missing files, an architecture with no loader, or weights whose shapes
+            disagree with the recorded heads.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     path = Path(path)
     weights = path / "model.safetensors"
@@ -151,7 +190,7 @@ def load_pruned(path, *, attn_implementation: str | None = None, model_class=Non
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if attn_implementation:
         config._attn_implementation = attn_implementation
-    model_class = model_class or AutoModelForSequenceClassification
+    model_class = model_class or _auto_class(config, path / "config.json")
     model = model_class.from_config(config)
     kept = getattr(config, KEPT_HEADS_KEY, None)
     if kept:
@@ -191,24 +230,59 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head_gates."))
 
 
-def flops_per_token(model: nn.Module, seq: int = 128) -> int:
+def _conv_macs(conv: nn.Conv2d, config) -> int:
+    """MACs of one pass of a patch-embedding convolution over the model's fixed input image."""
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    out_h = (height + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+    out_w = (width + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+    per_position = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+    return out_h * out_w * per_position
+
+
+def default_sequence_length(model: nn.Module) -> int:
+    """128 tokens for text; for vision models the fixed patch count plus the [CLS] token."""
+    config = model.config
+    if getattr(config, "image_size", None) and getattr(config, "patch_size", None):
+        size, patch = config.image_size, config.patch_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        return (height // ph) * (width // pw) + 1
+    return 128
+
+
+def flops_per_token(model: nn.Module, seq: int | None = None) -> int:
     """Multiply-accumulate FLOPs (2 per MAC) per token of one forward pass at sequence length ``seq``.
 
-    Counts every ``nn.Linear`` in the encoder from its actual shape, plus the attention score and
-    weighted-sum products (2 * seq * kept_heads * head_dim MACs per token per layer). Embedding
-    lookups, LayerNorm, softmax and activations are ignored (a few percent at most); the pooler and
-    classifier run once per sequence and are divided by ``seq``.
+    Counts every ``nn.Linear`` in the encoder layers and the embeddings (ELECTRA's embedding
+    projection runs per token) from its actual shape, plus the attention score and weighted-sum
+    products (2 * seq * kept_heads * head_dim MACs per token per layer). Embedding lookups,
+    LayerNorm, softmax, activations and MPNet's relative-position-bias additions are ignored (a few
+    percent at most). The pooler and classifier run once per sequence, and so does ViT's patch
+    convolution over the whole image; those are divided by ``seq``.
+
+    Args:
+        model: a model of a supported family, pruned or not.
+        seq: tokens per sequence; None for :func:`default_sequence_length` (128 for text, the
+            patch count + 1 for ViT, whose image size is fixed).
     """
+    seq = seq or default_sequence_length(model)
+    per_token_modules = list(encoder_layers(model))
+    embeddings = getattr(model.base_model, "embeddings", None)
+    if embeddings is not None:
+        per_token_modules.append(embeddings)
+    per_token_ids = {id(m) for root in per_token_modules for m in root.modules()}
     total = 0
-    for layer in encoder_layers(model):
-        for module in layer.modules():
-            if isinstance(module, nn.Linear):
-                total += 2 * module.in_features * module.out_features
+    per_sequence = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            macs = module.in_features * module.out_features
+            if id(module) in per_token_ids:
+                total += 2 * macs
+            else:
+                per_sequence += 2 * macs
+        elif isinstance(module, nn.Conv2d):
+            per_sequence += 2 * _conv_macs(module, model.config)
     for part in attention_parts(model):
         total += 2 * 2 * seq * part.num_heads * part.head_dim
-    per_sequence = 0
-    layer_ids = {id(m) for layer in encoder_layers(model) for m in layer.modules()}
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and id(module) not in layer_ids:
-            per_sequence += 2 * module.in_features * module.out_features
     return total + per_sequence // seq

@@ -41,7 +41,7 @@ def train(
     scheduler=None,
     on_step: Callable[[int], None] | None = None,
     log_every: int = 50,
-    progress: bool = True,
+    progress: bool | None = None,
     description: str = "train",
 ) -> TrainResult:
     """Run ``steps`` optimizer steps over batches drawn epoch after epoch.
@@ -50,8 +50,12 @@ def train(
         epochs_of_batches: called with the epoch index, returns that epoch's batches (dicts with labels).
         on_step: called with the step index before each forward (the gates' temperature follows it).
     """
+    import sys
+
     from tqdm import tqdm
 
+    if progress is None:  # a bar only for people watching, not in CI logs
+        progress = sys.stderr.isatty()
     device = next(model.parameters()).device
     use_bf16 = device.type == "cuda"
     model.train()
