@@ -102,9 +102,10 @@ def export_onnx(
 
     The graph inputs are those of ``INPUT_NAMES`` present in ``example`` that the model's forward
     accepts (all three by default for BERT), the output is ``logits``. An image model (ViT) gets one
-    float ``pixel_values`` input with a dynamic batch axis; its image size is fixed. The file is written atomically (temp file in the same folder, then
-    renamed) and holds its weights inline. The model is exported in eval mode, fp32, without
-    gradients; its training flag is restored afterwards.
+    float ``pixel_values`` input with a dynamic batch axis; its image size is fixed. The file is
+    written atomically (temp file in the same folder, then renamed) and holds its weights inline.
+    The model is exported in eval mode, fp32, without gradients; its training flag is restored
+    afterwards.
 
     Args:
         model: a sequence or image classifier whose output has ``.logits``; may be pruned to uneven heads.

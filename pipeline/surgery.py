@@ -254,12 +254,12 @@ def default_sequence_length(model: nn.Module) -> int:
 def flops_per_token(model: nn.Module, seq: int | None = None) -> int:
     """Multiply-accumulate FLOPs (2 per MAC) per token of one forward pass at sequence length ``seq``.
 
-    Counts every ``nn.Linear`` in the encoder layers and the embeddings (ELECTRA's embedding
-    projection runs per token) from its actual shape, plus the attention score and weighted-sum
+    Counts every ``nn.Linear`` of the base model but its pooler (encoder layers, and ELECTRA's
+    per-token embedding projection) from its actual shape, plus the attention score and weighted-sum
     products (2 * seq * kept_heads * head_dim MACs per token per layer). Embedding lookups,
     LayerNorm, softmax, activations and MPNet's relative-position-bias additions are ignored (a few
-    percent at most). The pooler and classifier run once per sequence, and so does ViT's patch
-    convolution over the whole image; those are divided by ``seq``.
+    percent at most). The pooler and the task head run once per sequence (they read [CLS]), and so
+    does ViT's patch convolution over the whole image; those are divided by ``seq``.
 
     Args:
         model: a model of a supported family, pruned or not.
@@ -267,11 +267,10 @@ def flops_per_token(model: nn.Module, seq: int | None = None) -> int:
             patch count + 1 for ViT, whose image size is fixed).
     """
     seq = seq or default_sequence_length(model)
-    per_token_modules = list(encoder_layers(model))
-    embeddings = getattr(model.base_model, "embeddings", None)
-    if embeddings is not None:
-        per_token_modules.append(embeddings)
-    per_token_ids = {id(m) for root in per_token_modules for m in root.modules()}
+    # Everything in the base model runs per token except its pooler; task heads run per sequence.
+    pooler = getattr(model.base_model, "pooler", None)
+    pooled = {id(m) for m in pooler.modules()} if pooler is not None else set()
+    per_token_ids = {id(m) for m in model.base_model.modules() if id(m) not in pooled}
     total = 0
     per_sequence = 0
     for module in model.modules():
