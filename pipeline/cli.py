@@ -23,9 +23,11 @@ def _bad_input_types():
     from pipeline.config import ConfigError
     from pipeline.data import DataError
     from pipeline.models import ModelSourceError
+    from pipeline.run import ArtifactError, StorageError
     from pipeline.surgery import CheckpointError
 
-    return (ConfigError, DataError, ModelSourceError, CheckpointError, UnsupportedModelError,
+    return (ConfigError, DataError, ModelSourceError, CheckpointError, UnsupportedModelError, ArtifactError,
+            StorageError,
             FileNotFoundError, PermissionError, ValueError)
 
 

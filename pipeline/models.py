@@ -34,6 +34,37 @@ def resolve_model_path(config: ModelConfig) -> str:
     )
 
 
+def check_weights(folder: str | Path) -> None:
+    """Refuse unreadable safetensors files and weights whose shapes disagree with config.json.
+
+    Transformers reports these as long tracebacks; a user needs the file and the tensor.
+
+    Raises:
+        ModelSourceError: naming the file, the tensor and both shapes.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModel.from_config(config).state_dict().items()}
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(weights, framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError) as err:
+            raise ModelSourceError(f"model.name: {weights}: unreadable safetensors file ({err})") from None
+        for key, shape in shapes.items():
+            base_key = key.split(".", 1)[1] if key.split(".", 1)[0] == config.model_type else key
+            want = expected.get(key, expected.get(base_key))
+            if want is not None and want != shape:
+                raise ModelSourceError(
+                    f"model.name: {weights}: {key} has shape {shape} but {folder / 'config.json'} gives {want}"
+                )
+
+
 def load_classifier(config: ModelConfig, num_labels: int, label_names=None):
     """The model with a sequence-classification head (new and randomly initialised when absent).
 
@@ -44,6 +75,8 @@ def load_classifier(config: ModelConfig, num_labels: int, label_names=None):
     from transformers.utils import logging
 
     source = resolve_model_path(config)
+    if Path(source).is_dir():
+        check_weights(source)
     extra = {}
     if label_names:
         extra = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}

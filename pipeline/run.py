@@ -6,6 +6,7 @@ next ``dsprune run`` resumes from the last complete stage.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import json
@@ -43,6 +44,14 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 
 class GateFailed(RuntimeError):
     """A configured accuracy or speed bound was crossed (exit code 1)."""
+
+
+class StorageError(RuntimeError):
+    """The disk filled up (or a file-size limit was hit) while a stage wrote its outputs."""
+
+
+class ArtifactError(ValueError):
+    """A stage's input no longer matches what the manifest recorded (corrupted or edited)."""
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -114,6 +123,24 @@ class RunFolder:
         folder = self.stage_dir(stage.name)
         return folder.is_dir() and hash_tree(folder) == record.get("outputs")
 
+    def verify_inputs(self, stage: Stage) -> None:
+        """Check every input file against the sha256 its stage recorded.
+
+        Raises:
+            ArtifactError: naming the first file that is missing, truncated or changed.
+        """
+        stages = self.manifest()["stages"]
+        for need in stage.needs:
+            recorded = stages[need]["outputs"]
+            folder = self.stage_dir(need)
+            for name, digest in recorded.items():
+                path = folder / name
+                if not path.is_file():
+                    raise ArtifactError(f"{path}: missing; rerun `dsprune run` to rebuild stage {need}")
+                if sha256_file(path) != digest:
+                    raise ArtifactError(f"{path}: sha256 differs from manifest.json (corrupted or modified "
+                                        f"since stage {need} wrote it); rerun `dsprune run` to rebuild it")
+
     def _input_hashes(self, stage: Stage) -> dict[str, str]:
         stages = self.manifest()["stages"]
         return {
@@ -126,6 +153,7 @@ class RunFolder:
         missing = [n for n in stage.needs if n not in self.manifest()["stages"]]
         if missing:
             raise FileNotFoundError(f"{self.path}: stage {stage.name} needs {', '.join(missing)} to run first")
+        self.verify_inputs(stage)
         tmp = self.path / f".{stage.name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -134,6 +162,12 @@ class RunFolder:
         module = importlib.import_module(f"pipeline.stages.{stage.module}")
         try:
             summary = module.run(cfg, self.path, tmp) or {}
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise StorageError(f"{self.path}: stage {stage.name} could not write its outputs ({err.strerror}); "
+                                   "earlier stages are intact, free space and rerun") from err
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -70,9 +70,14 @@ def train(
             if on_step is not None:
                 on_step(step)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(**batch).loss
-            loss.backward()
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss = model(**batch).loss
+                loss.backward()
+            except torch.OutOfMemoryError:
+                shape = tuple(batch["input_ids"].shape)
+                raise ValueError(f"{description}: a batch of shape {shape} does not fit in {device} memory; "
+                                 "lower finetune.batch_size or data.max_seq_length") from None
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()
             if scheduler is not None:

@@ -1,7 +1,12 @@
 """Shared fixtures: a tiny random BERT (fast, offline) and the bundled tokenizer."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -57,3 +62,38 @@ def tiny_inputs():
     attention_mask[1, 7:] = 0  # padding must not change the answer
     token_type_ids = torch.zeros_like(input_ids)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = ROOT.parent / "shared" / "data" / "glue"
+NO_NETWORK = Path(__file__).resolve().parent / "no_network"
+
+
+def run_cli(*args, cwd=ROOT, timeout=900, **popen):
+    """Run ``dsprune ARGS`` in a fresh process with every outbound socket blocked."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(NO_NETWORK), str(ROOT)])}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One uninterrupted run of configs/tiny-smoke.yaml on the bundled model, network blocked.
+
+    Tests that change a run folder must work on a copy (``copy_run``).
+    """
+    if not (GLUE / "SST-2").is_dir():
+        pytest.skip("needs ../shared/data/glue/SST-2")
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    result = run_cli("run", "-c", "configs/tiny-smoke.yaml", "--set", f"run_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["run_dir"] = str(dest)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest

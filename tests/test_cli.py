@@ -1,22 +1,13 @@
 """The command line: bad input exits 2 with one line; the integration tier runs the real pipeline."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT, copy_run, run_cli
 from pipeline.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "data" / "glue" / "SST-2"
-
-
-def dsprune(*args, cwd=ROOT, timeout=900):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def dsprune(*args, **kwargs):
+    return run_cli(*args, **kwargs)
 
 
 def test_help_is_instant_and_lists_every_stage():
@@ -24,34 +15,6 @@ def test_help_is_instant_and_lists_every_stage():
     assert result.returncode == 0
     for stage in ("run", "finetune", "harden", "prune", "export", "quantize", "bench", "report"):
         assert stage in result.stdout
-
-
-@pytest.mark.parametrize("args, expected", [
-    (["run", "-c", "configs/does-not-exist.yaml"], "configs/does-not-exist.yaml: config file not found"),
-    (["run", "-c", "configs/tiny-smoke.yaml", "--set", "prune.kep=3"], "prune.kep: unknown key; valid keys: method"),
-    (["run", "-c", "configs/tiny-smoke.yaml", "--set", "prune.keep=0"], "prune.keep: must be a positive number"),
-    (["run", "-c", "configs/tiny-smoke.yaml", "--set", "prune.keep=2.5"], "prune.keep: expected int, got 2.5"),
-    (["run", "-c", "configs/tiny-smoke.yaml", "--set", "finetune.lr=fast"], "finetune.lr: expected float, got 'fast'"),
-])
-def test_bad_config_exits_2_with_one_line(args, expected):
-    result = dsprune(*args)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0]
-    assert "Traceback" not in result.stderr
-
-
-def test_bad_inputs_found_before_training_exit_2(tmp_path):
-    cases = [
-        (["--set", "prune.keep=73"], "prune.keep: 73 exceeds the model's 72 heads"),
-        (["--set", "prune.per_layer=true", "--set", "prune.keep=10"], "cannot be split evenly over 6 layers"),
-        (["--set", f"data.train={tmp_path}/missing.tsv"], "missing.tsv"),
-        (["--set", f"model.name={tmp_path}"], "has no config.json"),
-    ]
-    for extra, expected in cases:
-        result = dsprune("run", "-c", "configs/tiny-smoke.yaml", "--set", f"run_dir={tmp_path}/run", *extra)
-        assert result.returncode == 2, (extra, result.stderr[-2000:])
-        assert expected in result.stderr.strip().splitlines()[-1]
 
 
 def test_config_overrides_and_errors_are_gathered():
@@ -66,11 +29,8 @@ def test_config_overrides_and_errors_are_gathered():
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/glue/SST-2")
-def test_run_end_to_end_on_the_bundled_model(tmp_path):
-    run_dir = tmp_path / "run"
-    result = dsprune("run", "-c", "configs/tiny-smoke.yaml", "--set", f"run_dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_run_end_to_end_on_the_bundled_model(smoke_run, tmp_path):
+    run_dir, result = smoke_run
     assert f"Report: {run_dir / 'report' / 'report.md'}" in result.stdout
 
     from benchmarks.report import validate_report
@@ -82,17 +42,18 @@ def test_run_end_to_end_on_the_bundled_model(tmp_path):
     names = {v["name"] for v in report["variants"]}
     assert {"baseline/torch-fp32", "pruned/torch-fp32", "pruned/onnx-fp32", "pruned/onnx-int8"} <= names
     assert [s["stage"] for s in report["stages"]] == ["fine-tuned", "hardened", "pruned", "onnx", "int8"]
-    pruned = {v["name"]: v for v in report["variants"]}
-    assert pruned["pruned/onnx-fp32"]["params"] < pruned["baseline/onnx-fp32"]["params"]
+    variants = {v["name"]: v for v in report["variants"]}
+    assert variants["pruned/onnx-fp32"]["params"] < variants["baseline/onnx-fp32"]["params"]
     assert all(v["latency"] and v["latency"][0]["p50_ms"] > 0 for v in report["variants"])
     assert json.loads((run_dir / "export" / "metrics.json").read_text())["parity_max_abs_diff"]["pruned"] <= 1e-4
     for name in ("report.md", "latency.png", "head_mask.png"):
         assert (run_dir / "report" / name).stat().st_size > 0
-
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert list(manifest["stages"]) and all(len(s["outputs"]) > 0 for s in manifest["stages"].values())
+    assert all(s["seed"] == 0 for s in manifest["stages"].values())
 
     # Unchanged config: every stage is skipped. A gate that cannot pass: only the report reruns, exit 1.
+    run_dir = copy_run(run_dir, tmp_path / "run")
     again = dsprune("run", "-c", "configs/tiny-smoke.yaml", "--set", f"run_dir={run_dir}")
     assert again.returncode == 0 and again.stderr.count("up to date, skipped") == 7
     gated = dsprune("run", "-c", "configs/tiny-smoke.yaml", "--set", f"run_dir={run_dir}",
@@ -101,6 +62,8 @@ def test_run_end_to_end_on_the_bundled_model(tmp_path):
     assert "[report] running" in gated.stderr and "[finetune] up to date" in gated.stderr
     assert "gate failed: gate max_metric_drop" in gated.stderr.strip().splitlines()[-1]
 
-    # A stage alone, on the run folder.
+    # A stage alone, on the run folder: same inputs and seed, so the same mask.
+    mask = (run_dir / "harden" / "mask.json").read_bytes()
     alone = dsprune("harden", str(run_dir))
     assert alone.returncode == 0, alone.stderr[-2000:]
+    assert (run_dir / "harden" / "mask.json").read_bytes() == mask

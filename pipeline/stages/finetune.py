@@ -75,8 +75,8 @@ def _gated_train(model, encoded, cfg: RunConfig):
     return result, gates, gate_config
 
 
-def check_budget(cfg: RunConfig) -> None:
-    """Refuse an impossible head budget before any training time is spent."""
+def check_model_fits(cfg: RunConfig) -> None:
+    """Refuse an impossible head budget or sequence length before any training time is spent."""
     from transformers import AutoConfig
 
     from pipeline.architectures import adapter_for
@@ -89,11 +89,15 @@ def check_budget(cfg: RunConfig) -> None:
         raise ValueError(f"prune.keep: {cfg.prune.keep} exceeds the model's {layers * heads} heads ({layers} x {heads})")
     if cfg.prune.per_layer and cfg.prune.keep % layers:
         raise ValueError(f"prune.keep: {cfg.prune.keep} heads cannot be split evenly over {layers} layers (prune.per_layer)")
+    limit = getattr(config, "max_position_embeddings", None)
+    for field, value in (("data.max_seq_length", cfg.data.max_seq_length), ("bench.seq", cfg.bench.seq)):
+        if limit is not None and value > limit:
+            raise ValueError(f"{field}: {value} exceeds the model's max_position_embeddings ({limit})")
 
 
 def run(cfg: RunConfig, run_dir, out):
     torch.set_num_threads(cfg.threads)
-    check_budget(cfg)
+    check_model_fits(cfg)
     device = pick_device()
     tokenizer = load_tokenizer(cfg.model)
     task_data = load_task_data(cfg, tokenizer)

@@ -1,0 +1,813 @@
+"""The accuracy study: task metric against K for every head-selection method (the paper's comparison).
+
+    python -m benchmarks.study -c configs/study-sst2-minilm.yaml [--set key=value ...] [--workers N]
+        [--only method=dsp,k=36,seed=0] [--shard i/n] [--out DIR] [--resume]
+    python -m benchmarks.study merge DIR_OR_JSONL ... [--results benchmarks/results]
+
+A grid row is one (variant, K, seed). A variant is ``method:mode`` for the trained methods
+(``dsp:joint``, ``dsp:pipelined``, ``ste:...``, ``hardconcrete:...``) and the bare method for
+``michel``, ``michel-iterative`` and ``random``, which read the fine-tuned reference. Joint variants
+start from the pretrained model and train gates and weights together; pipelined ones learn only the
+gates on the frozen reference (then optionally recover with fine-tuning under the hard mask). The
+unpruned reference is fine-tuned once per seed and saved under ``OUT/reference-seed{s}``.
+
+Each finished row is appended at once to ``OUT/rows-*.jsonl``, so a killed run keeps its rows and
+``--resume`` skips them. With ``--workers N`` the command starts N worker processes on the one
+device, each pinned to its own CPU cores, which claim rows from the grid; the step-time comparison
+(plain fine-tuning vs gated steps) runs first, alone, so other workers do not disturb it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import DataConfig, ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_VERSION = 1
+TRAINED = ("dsp", "ste", "hardconcrete")
+UNTRAINED = ("michel", "michel-iterative", "random")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """Plain fine-tuning of the unpruned reference (AdamW, linear warm-up then decay)."""
+
+    epochs: float = 3.0
+    lr: float = 5e-5
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+
+
+@dataclass(frozen=True)
+class JointSpec:
+    """Joint variants: gates and weights from the pretrained model, weights' lr decaying linearly."""
+
+    epochs: float = 3.0
+    lr: float = 5e-5
+
+
+@dataclass(frozen=True)
+class PipelinedSpec:
+    """Pipelined variants: gates only on the frozen reference; then optional recovery fine-tuning."""
+
+    epochs: float = 1.0
+    recovery_epochs: float = 0.0
+    recovery_lr: float = 2e-5
+
+
+@dataclass(frozen=True)
+class DspSpec:
+    gate_lr: float = 0.5
+    temperature_start: float = 1000.0
+    temperature_end: float = 1e-8
+    cooldown_fraction: float = 0.5  # of the gate-training steps
+
+
+@dataclass(frozen=True)
+class SteSpec:
+    gate_lr: float = 0.5
+
+
+@dataclass(frozen=True)
+class HardConcreteSpec:
+    gate_lr: float = 0.1  # the reference code's pruning_lr for Voita et al.
+    penalty: float = 0.5  # lambda on the expected L0 norm, the reference code's default
+    temperature: float = 0.33
+
+
+@dataclass(frozen=True)
+class MichelSpec:
+    batches: int = 200  # training batches per importance estimate
+    step_fraction: float = 0.1  # michel-iterative: share of all heads removed per round
+
+
+@dataclass(frozen=True)
+class TimingSpec:
+    """Training-step time of plain fine-tuning vs gated steps, interleaved, on the pretrained model."""
+
+    steps: int = 50
+    warmup: int = 10
+    rounds: int = 3
+    methods: tuple[str, ...] = ("dsp", "ste", "hardconcrete")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "study"
+    out_dir: str = "runs/study"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    keeps: tuple[int, ...] = (72, 54, 36, 24, 12, 6)
+    variants: tuple[str, ...] = ("dsp:joint", "dsp:pipelined", "ste:joint", "ste:pipelined", "hardconcrete:joint",
+                                 "hardconcrete:pipelined", "michel", "michel-iterative", "random")
+    per_layer: bool = False
+    threads: int = 2  # CPU threads per worker process
+    eval_batch_size: int = 128
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reference: ReferenceSpec = field(default_factory=ReferenceSpec)
+    joint: JointSpec = field(default_factory=JointSpec)
+    pipelined: PipelinedSpec = field(default_factory=PipelinedSpec)
+    dsp: DspSpec = field(default_factory=DspSpec)
+    ste: SteSpec = field(default_factory=SteSpec)
+    hardconcrete: HardConcreteSpec = field(default_factory=HardConcreteSpec)
+    michel: MichelSpec = field(default_factory=MichelSpec)
+    timing: TimingSpec = field(default_factory=TimingSpec)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_variant(variant: str) -> tuple[str, str]:
+    """``"dsp:joint"`` -> ("dsp", "joint"); ``"michel"`` -> ("michel", "reference")."""
+    method, _, mode = variant.partition(":")
+    if method in TRAINED:
+        if mode not in ("joint", "pipelined"):
+            raise ValueError(f"variant {variant!r}: a trained method needs :joint or :pipelined")
+        return method, mode
+    if method in UNTRAINED and not mode:
+        return method, "reference"
+    raise ValueError(f"variant {variant!r}: expected one of {', '.join(m + ':joint|pipelined' for m in TRAINED)}, "
+                     f"{', '.join(UNTRAINED)}")
+
+
+def study_config_from_dict(data: dict, where: str = "config") -> StudyConfig:
+    """Build and validate a StudyConfig; every problem is reported in one ConfigError line."""
+    from pipeline.config import ConfigError, _build
+
+    errors: list[str] = []
+    config = _build(StudyConfig, data, "", errors)
+    for variant in config.variants:
+        try:
+            parse_variant(variant)
+        except ValueError as err:
+            errors.append(f"variants: {err}")
+    if not config.seeds or not config.keeps or not config.variants:
+        errors.append("seeds, keeps and variants must not be empty")
+    if errors:
+        raise ConfigError(f"{where}: " + "; ".join(errors))
+    return config
+
+
+def load_study_config(path, overrides=()) -> StudyConfig:
+    from pipeline.config import ConfigError, _parse_override
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: not valid YAML") from None
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return study_config_from_dict(data, str(path))
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # "step_time", "reference" or "row"
+    seed: int
+    variant: str = ""
+    keep: int = 0
+
+    @property
+    def key(self) -> str:
+        if self.kind == "row":
+            return f"{self.variant}|k={self.keep}|seed={self.seed}"
+        return f"{self.kind}|seed={self.seed}"
+
+
+def parse_only(text: str | None) -> dict[str, set[str]]:
+    """``"method=dsp,k=36,seed=0"`` -> {"method": {"dsp"}, ...}; a key may repeat (method=dsp,method=ste)."""
+    filters: dict[str, set[str]] = {}
+    for part in filter(None, (text or "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("method", "mode", "variant", "k", "seed"):
+            raise ValueError(f"--only {text!r}: expected method=, mode=, variant=, k= or seed= items")
+        filters.setdefault(key, set()).add(value)
+    return filters
+
+
+def grid(config: StudyConfig, only: dict[str, set[str]] | None = None, shard: tuple[int, int] = (0, 1)) -> list[Job]:
+    """Every row job in a fixed order, filtered by ``only`` and kept where ``index % n == i``."""
+    only = only or {}
+    jobs = []
+    for seed in config.seeds:
+        for keep in config.keeps:
+            for variant in config.variants:
+                method, mode = parse_variant(variant)
+                fields = {"method": method, "mode": mode, "variant": variant, "k": str(keep), "seed": str(seed)}
+                if all(fields[key] in values for key, values in only.items()):
+                    jobs.append(Job("row", seed, variant, keep))
+    index, count = shard
+    return [job for i, job in enumerate(jobs) if i % count == index]
+
+
+def read_rows(paths) -> list[dict]:
+    """Rows from JSONL files and folders of them (``rows*.jsonl``); a torn last line is skipped."""
+    rows = []
+    for path in map(Path, paths):
+        files = sorted(path.glob("rows*.jsonl")) if path.is_dir() else [path]
+        for file in files:
+            for line in file.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return rows
+
+
+def _append_row(path: Path, row: dict) -> None:
+    line = (json.dumps(row, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _claim(out: Path, job: Job) -> bool:
+    claims = out / "claims"
+    claims.mkdir(exist_ok=True)
+    name = job.key.replace("|", "_").replace(":", "-").replace("=", "")
+    try:
+        os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+# --------------------------------------------------------------------------- one process's work
+
+
+class Context:
+    """What every job of one process shares: device, tokenized data, and the config."""
+
+    def __init__(self, config: StudyConfig, out: Path):
+        import torch
+
+        from pipeline import data
+        from pipeline.models import load_tokenizer
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one weights-loading bar per row drowns the log
+        self.config, self.out = config, out
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(config.threads)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.tokenizer = load_tokenizer(config.model)
+        d = config.data
+        self.task = data.task_from_config(d.task, d.text_columns or None, d.label_column or None,
+                                          d.label_names or None)
+        train = data.read_task(Path(d.train), self.task, d.max_train_examples)
+        dev = data.read_task(Path(d.dev), self.task, d.max_eval_examples)
+        self.train = data.encode(self.tokenizer, train, d.max_seq_length)
+        self.dev = data.encode(self.tokenizer, dev, d.max_seq_length)
+        self.row_file = out / f"rows-{os.getpid()}.jsonl"
+
+    def train_batches(self, seed: int):
+        from pipeline import data
+
+        return lambda epoch: data.batches(self.train, self.config.reference.batch_size, shuffle=True,
+                                          seed=seed * 1000 + epoch)
+
+    def steps(self, epochs: float) -> int:
+        from pipeline.training import steps_for
+
+        return steps_for(epochs, len(self.train), self.config.reference.batch_size)
+
+    def pretrained(self, seed: int):
+        import torch
+
+        from pipeline.models import load_classifier
+
+        torch.manual_seed(seed)  # the new classifier head
+        model = load_classifier(self.config.model, self.task.num_labels, self.task.label_names)
+        return model.float().to(self.device)
+
+    def reference_dir(self, seed: int) -> Path:
+        return self.out / f"reference-seed{seed}"
+
+    def reference(self, seed: int):
+        import dataclasses as dc
+
+        from pipeline.models import load_classifier
+
+        path = self.reference_dir(seed)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: the reference for seed {seed} is not trained yet")
+        model_config = dc.replace(self.config.model, name=str(path))
+        return load_classifier(model_config, self.task.num_labels, self.task.label_names).float().to(self.device)
+
+    def evaluate(self, model, mask=None) -> float:
+        from pipeline import data
+        from pipeline.evaluation import score
+        from pipeline.gates import add_fixed_mask_
+        from pipeline.training import predict
+
+        handles = add_fixed_mask_(model, mask) if mask is not None else []
+        try:
+            logits = predict(model, data.batches(self.dev, self.config.eval_batch_size, shuffle=False))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return score(self.task, logits, self.dev.labels)[self.task.primary_metric]
+
+    def base_row(self, job: Job) -> dict:
+        return {"schema": SCHEMA_VERSION, "study": self.config.name, "kind": job.kind, "key": job.key,
+                "seed": job.seed, "task": self.task.name, "metric": self.task.primary_metric,
+                "device": self.device.type, "gpu": _gpu_name(), "pid": os.getpid()}
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def _weight_groups(model, lr: float, weight_decay: float) -> list[dict]:
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("head_gates.")]
+    no_decay = [p for n, p in named if n.endswith("bias") or "LayerNorm" in n]
+    decay = [p for n, p in named if not (n.endswith("bias") or "LayerNorm" in n)]
+    return [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+
+
+def _warmup_decay(total: int, warmup: int):
+    return lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train_reference(ctx: Context, seed: int) -> dict:
+    import torch
+
+    from pipeline.surgery import save_pruned
+    from pipeline.training import linear_warmup_decay, train
+
+    ref = ctx.config.reference
+    model = ctx.pretrained(seed)
+    steps = ctx.steps(ref.epochs)
+    optimizer = torch.optim.AdamW(_weight_groups(model, ref.lr, ref.weight_decay))
+    scheduler = linear_warmup_decay(optimizer, steps, int(ref.warmup_ratio * steps))
+    result = train(model, ctx.train_batches(seed), steps=steps, optimizer=optimizer, scheduler=scheduler,
+                   progress=False, description=f"reference seed {seed}")
+    value = ctx.evaluate(model)
+    save_pruned(model.cpu(), ctx.reference_dir(seed), ctx.tokenizer)
+    return {"value": value, "train_steps": result.steps, "train_seconds": round(result.seconds, 2),
+            "final_loss": result.final_loss}
+
+
+def _gate_options(ctx: Context, method: str, steps: int) -> tuple[float, dict]:
+    cfg = ctx.config
+    if method == "dsp":
+        return cfg.dsp.gate_lr, {"temperature_start": cfg.dsp.temperature_start,
+                                 "temperature_end": cfg.dsp.temperature_end,
+                                 "cooldown_steps": max(1, int(cfg.dsp.cooldown_fraction * steps))}
+    if method == "ste":
+        return cfg.ste.gate_lr, {}
+    return cfg.hardconcrete.gate_lr, {"penalty": cfg.hardconcrete.penalty,
+                                      "temperature": cfg.hardconcrete.temperature}
+
+
+def gate_trainer(ctx: Context, method: str, mode: str, seed: int, steps: int, gate_lr: float, record: dict):
+    """``train_gates(model, gates)`` for select_heads: joint (weights learn too) or pipelined (frozen)."""
+    import torch
+
+    from pipeline.training import train
+
+    def train_gates(model, gates):
+        groups = [{"params": list(gates.parameters()), "lr": gate_lr, "weight_decay": 0.0}]
+        factors = [lambda step: 1.0]  # the gates keep their learning rate, as in the paper's code
+        weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
+        if mode == "joint":
+            joint, ref = ctx.config.joint, ctx.config.reference
+            for group in _weight_groups(model, joint.lr, ref.weight_decay):
+                groups.append(group)
+                factors.append(_warmup_decay(steps, int(ref.warmup_ratio * steps)))
+        else:
+            for p in weights:
+                p.requires_grad_(False)
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+        def on_step(step):
+            gates.step = step
+
+        result = train(model, ctx.train_batches(seed + 500), steps=steps, optimizer=optimizer, scheduler=scheduler,
+                       on_step=on_step, progress=False, description=f"{method}:{mode}")
+        for p in weights:
+            p.requires_grad_(True)
+        record.update(train_steps=result.steps, train_seconds=round(result.seconds, 2), final_loss=result.final_loss,
+                      seconds_per_step=result.seconds / max(1, result.steps))
+
+    return train_gates
+
+
+def recover(ctx: Context, model, mask, seed: int) -> dict:
+    """Fine-tune the weights under the fixed hard mask (pipelined variants' optional recovery)."""
+    import torch
+
+    from pipeline.gates import add_fixed_mask_
+    from pipeline.training import linear_warmup_decay, train
+
+    spec = ctx.config.pipelined
+    steps = ctx.steps(spec.recovery_epochs)
+    handles = add_fixed_mask_(model, mask)
+    optimizer = torch.optim.AdamW(_weight_groups(model, spec.recovery_lr, ctx.config.reference.weight_decay))
+    scheduler = linear_warmup_decay(optimizer, steps, int(ctx.config.reference.warmup_ratio * steps))
+    try:
+        result = train(model, ctx.train_batches(seed + 700), steps=steps, optimizer=optimizer, scheduler=scheduler,
+                       progress=False, description="recovery")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"recovery_steps": result.steps, "recovery_seconds": round(result.seconds, 2)}
+
+
+def run_row(ctx: Context, job: Job) -> dict:
+    """Select exactly K heads with the job's variant and score the hard-masked model on dev."""
+    import torch
+
+    from pipeline.methods import select_heads
+
+    cfg = ctx.config
+    method, mode = parse_variant(job.variant)
+    start = time.perf_counter()
+    record: dict = {"train_steps": 0, "train_seconds": 0.0}
+    model = ctx.pretrained(job.seed) if mode == "joint" else ctx.reference(job.seed)
+    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    torch.manual_seed(job.seed + 1)
+    if method in TRAINED and not (mode == "pipelined" and job.keep == layers * heads):
+        steps = ctx.steps(cfg.joint.epochs if mode == "joint" else cfg.pipelined.epochs)
+        gate_lr, options = _gate_options(ctx, method, steps)
+        selection = select_heads(method, model, job.keep, per_layer=cfg.per_layer, seed=job.seed,
+                                 train_gates=gate_trainer(ctx, method, mode, job.seed, steps, gate_lr, record),
+                                 **options)
+    elif method in TRAINED:  # every head kept and the weights frozen: the reference itself
+        selection = select_heads("random", model, job.keep, per_layer=cfg.per_layer, seed=job.seed)
+    else:
+        from pipeline import data
+
+        def batches_fn(round_):
+            epoch = data.batches(ctx.train, cfg.reference.batch_size, shuffle=True, seed=job.seed * 1000 + 900 + round_)
+            return (batch for _, batch in zip(range(cfg.michel.batches), epoch))
+
+        selection = select_heads(method, model, job.keep, per_layer=cfg.per_layer, seed=job.seed,
+                                 batches_fn=batches_fn, step_fraction=cfg.michel.step_fraction)
+    if mode == "pipelined" and cfg.pipelined.recovery_epochs > 0:
+        record.update(recover(ctx, model, selection.mask, job.seed))
+    value = ctx.evaluate(model, selection.mask)
+    mask = selection.mask
+    row = ctx.base_row(job)
+    row.update(variant=job.variant, method=method, mode=mode, keep=job.keep, per_layer=cfg.per_layer,
+               value=value, heads_per_layer=mask.sum(1).tolist(),
+               kept_heads={str(i): torch.nonzero(r).flatten().tolist() for i, r in enumerate(mask)},
+               wall_seconds=round(time.perf_counter() - start, 2), **record)
+    row.update({k: v for k, v in selection.info.items() if k in ("penalty_keeps", "final_temperature")})
+    return row
+
+
+def measure_step_time(ctx: Context) -> dict:
+    """Median training-step time of plain fine-tuning and of each gated method, interleaved by round.
+
+    The same batches, the same optimizer over the weights; gated steps add the gates' forward and
+    backward and their optimizer group. The GPU is synchronized before each clock read.
+    """
+    import torch
+
+    from pipeline.methods import add_method_gates_
+    from pipeline.gates import remove_head_gates_
+
+    spec = ctx.config.timing
+    model = ctx.pretrained(0)
+    model.train()
+    total_heads = model.config.num_hidden_layers * model.config.num_attention_heads
+    keep = total_heads // 2 if not ctx.config.per_layer else model.config.num_hidden_layers * (model.config.num_attention_heads // 2)
+    source = ctx.train_batches(0)(0)
+    batches = [b for _, b in zip(range(spec.steps + spec.warmup), source)]
+    batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in batches]
+    use_bf16 = ctx.device.type == "cuda"
+
+    def sync():
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_steps(gates) -> float:
+        groups = _weight_groups(model, 1e-8, 0.0)
+        if gates is not None:
+            groups.append({"params": list(gates.parameters()), "lr": 1e-8, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups)
+        params = [p for g in groups for p in g["params"]]
+        times = []
+        for i, batch in enumerate(batches):
+            sync()
+            start = time.perf_counter()
+            if gates is not None:
+                gates.step = i
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()
+            sync()
+            if i >= spec.warmup:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    per_round: dict[str, list[float]] = {"plain": [], **{m: [] for m in spec.methods}}
+    for _ in range(spec.rounds):
+        per_round["plain"].append(time_steps(None))
+        for method in spec.methods:
+            gates = add_method_gates_(model, method, keep, per_layer=ctx.config.per_layer, seed=0,
+                                      **({"cooldown_steps": spec.steps} if method == "dsp" else {}))
+            model.train()
+            per_round[method].append(time_steps(gates))
+            remove_head_gates_(model)
+    medians = {name: statistics.median(values) * 1e3 for name, values in per_round.items()}
+    return {"step_ms": {k: round(v, 3) for k, v in medians.items()},
+            "step_ratio": {m: round(medians[m] / medians["plain"], 4) for m in spec.methods},
+            "timing_batch_size": ctx.config.reference.batch_size, "timing_steps": spec.steps,
+            "timing_rounds": spec.rounds, "timing_keep": keep}
+
+
+def run_job(ctx: Context, job: Job) -> dict:
+    from benchmarks.timing import machine_info
+
+    start = time.perf_counter()
+    if job.kind == "reference":
+        row = {**ctx.base_row(job), "variant": "reference", **train_reference(ctx, job.seed)}
+    elif job.kind == "step_time":
+        row = {**ctx.base_row(job), "variant": "step-time", **measure_step_time(ctx)}
+    else:
+        row = run_row(ctx, job)
+    row.setdefault("wall_seconds", round(time.perf_counter() - start, 2))
+    row["machine"] = machine_info()
+    _append_row(ctx.row_file, row)
+    return row
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _done_keys(out: Path) -> set[str]:
+    return {row["key"] for row in read_rows([out]) if "key" in row}
+
+
+def plan(config: StudyConfig, out: Path, only, shard) -> tuple[list[Job], list[Job], list[Job]]:
+    """(timing, references, rows) still to run, in that order of phases."""
+    done = _done_keys(out)
+    rows = [job for job in grid(config, only, shard) if job.key not in done]
+    ref_seeds = sorted({job.seed for job in rows if parse_variant(job.variant)[1] != "joint"})
+    references = [Job("reference", s) for s in ref_seeds
+                  if Job("reference", s).key not in done or not (out / f"reference-seed{s}" / "config.json").is_file()]
+    timing = [Job("step_time", 0)] if shard[0] == 0 and not only and Job("step_time", 0).key not in done else []
+    return timing, references, rows
+
+
+def run_in_process(config: StudyConfig, out: Path, jobs: list[Job], log=print) -> list[dict]:
+    ctx = Context(config, out)
+    rows = []
+    for job in jobs:
+        if job.kind == "row" and not _claim(out, job):
+            continue
+        row = run_job(ctx, job)
+        rows.append(row)
+        log(f"{job.key}: {row.get('value', row.get('step_ratio'))} ({row['wall_seconds']} s)")
+    return rows
+
+
+def _spawn_workers(out: Path, phase: str, count: int, threads: int) -> None:
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    procs = []
+    for index in range(count):
+        mine = [cores[(index * threads + j) % len(cores)] for j in range(threads)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "TOKENIZERS_PARALLELISM": "false", "DSPRUNE_CORES": ",".join(map(str, mine))}
+        cmd = [sys.executable, "-m", "benchmarks.study", "worker", str(out), "--phase", phase,
+               "--index", str(index), "--count", str(count)]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO_ROOT))
+    failed = [p.args for p in procs if p.wait() != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} {phase} worker(s) failed; rows written so far are kept (rerun with --resume)")
+
+
+def run_study(config: StudyConfig, out: Path, *, only=None, shard=(0, 1), workers: int = 1, resume: bool = False,
+              log=print) -> Path:
+    """Run the grid (or its ``only``/``shard`` part) into ``out``; returns ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if read_rows([out]) and not resume:
+        raise FileExistsError(f"{out} already holds rows: pass --resume to continue, or choose another --out")
+    (out / "study-config.json").write_text(json.dumps(
+        {"config": config.to_dict(), "only": {k: sorted(v) for k, v in (only or {}).items()}, "shard": list(shard)},
+        indent=2))
+    claims = out / "claims"
+    if claims.exists():
+        for stale in claims.iterdir():  # only finished rows count as done
+            stale.unlink()
+    timing, references, rows = plan(config, out, only, shard)
+    log(f"{out}: {len(timing)} timing, {len(references)} reference and {len(rows)} grid jobs to run")
+    if workers <= 1:
+        run_in_process(config, out, timing + references + rows, log)
+        return out
+    if timing:
+        _spawn_workers(out, "timing", 1, config.threads)
+    if references:
+        _spawn_workers(out, "reference", min(workers, len(references)), config.threads)
+    if rows:
+        _spawn_workers(out, "rows", min(workers, len(rows)), config.threads)
+    return out
+
+
+def worker_main(out: Path, phase: str, index: int, count: int) -> None:
+    cores = os.environ.get("DSPRUNE_CORES")
+    if cores and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
+    saved = json.loads((out / "study-config.json").read_text())
+    config = study_config_from_dict(saved["config"], str(out / "study-config.json"))
+    only = {k: set(v) for k, v in saved["only"].items()}
+    timing, references, rows = plan(config, out, only, tuple(saved["shard"]))
+    jobs = {"timing": timing, "reference": references[index::count], "rows": rows}[phase]
+    run_in_process(config, out, jobs, log=lambda text: print(f"[worker {index}] {text}", flush=True))
+
+
+# --------------------------------------------------------------------------- merge and report
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean and sample std of the metric per (variant, K), the reference's, and the step-time rows."""
+    latest = {row["key"]: row for row in rows if "key" in row}
+    rows = list(latest.values())
+    grid_rows = [r for r in rows if r["kind"] == "row"]
+    groups: dict[tuple[str, int], list[float]] = {}
+    for row in grid_rows:
+        groups.setdefault((row["variant"], row["keep"]), []).append(row["value"])
+
+    def stats(values):
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "n": len(values)}
+
+    references = [r["value"] for r in rows if r["kind"] == "reference"]
+    return {
+        "schema": SCHEMA_VERSION,
+        "study": next((r["study"] for r in rows), None),
+        "metric": next((r["metric"] for r in rows), None),
+        "summary": [{"variant": v, "keep": k, **stats(values)} for (v, k), values in sorted(groups.items())],
+        "reference": stats(references) if references else None,
+        "step_time": [r for r in rows if r["kind"] == "step_time"],
+        "rows": sorted(grid_rows, key=lambda r: (r["variant"], -r["keep"], r["seed"])),
+        "references": [r for r in rows if r["kind"] == "reference"],
+    }
+
+
+def markdown(result: dict) -> str:
+    keeps = sorted({s["keep"] for s in result["summary"]}, reverse=True)
+    variants = sorted({s["variant"] for s in result["summary"]})
+    cell = {(s["variant"], s["keep"]): s for s in result["summary"]}
+    metric = result["metric"]
+    lines = [f"# {result['study']}: dev {metric} against heads kept (mean ± std over seeds)", ""]
+    if result["reference"]:
+        ref = result["reference"]
+        lines += [f"Unpruned reference: {100 * ref['mean']:.2f} ± {100 * ref['std']:.2f} (n={ref['n']})", ""]
+    lines.append("| variant | " + " | ".join(f"K={k}" for k in keeps) + " |")
+    lines.append("|---|" + "---|" * len(keeps))
+    for variant in variants:
+        cells = []
+        for k in keeps:
+            s = cell.get((variant, k))
+            cells.append(f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} (n={s['n']})" if s else "")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    for timing in result["step_time"]:
+        ratios = ", ".join(f"{m} {100 * (r - 1):+.1f}%" for m, r in timing["step_ratio"].items())
+        lines += ["", f"Training step vs plain fine-tuning ({timing.get('gpu') or timing['device']}, "
+                      f"plain {timing['step_ms']['plain']:.2f} ms/step): {ratios}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in sorted({s["variant"] for s in result["summary"]}):
+        points = sorted((s["keep"], s["mean"], s["std"]) for s in result["summary"] if s["variant"] == variant)
+        ks, means, stds = zip(*points)
+        ax.errorbar(ks, [100 * m for m in means], yerr=[100 * s for s in stds], marker="o", capsize=3, label=variant)
+    if result["reference"]:
+        ax.axhline(100 * result["reference"]["mean"], color="black", linestyle="--", label="unpruned")
+    ax.set_xlabel("heads kept (K)")
+    ax.set_ylabel(f"dev {result['metric']} (%)")
+    ax.set_title(result["study"] or "study")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def merge(paths, results_dir: Path, name: str | None = None) -> dict[str, Path]:
+    """Merge row files into ``{name}.json``, ``{name}.md`` and ``{name}.png`` under ``results_dir``."""
+    rows = read_rows(paths)
+    if not rows:
+        raise ValueError(f"no rows in {', '.join(map(str, paths))}")
+    result = summarize(rows)
+    name = name or result["study"]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    files = {"json": results_dir / f"{name}.json", "md": results_dir / f"{name}.md", "png": results_dir / f"{name}.png"}
+    files["json"].write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    files["md"].write_text(markdown(result))
+    plot(result, files["png"])
+    return files
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected i/n, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.study merge")
+        parser.add_argument("paths", nargs="+", help="run folders or rows*.jsonl files")
+        parser.add_argument("--results", default=str(REPO_ROOT / "benchmarks" / "results"))
+        parser.add_argument("--name", default=None, help="file stem; the rows' study name by default")
+        args = parser.parse_args(argv[1:])
+        for kind, path in merge(args.paths, Path(args.results), args.name).items():
+            print(f"{kind}: {path}")
+        return 0
+    if argv[:1] == ["worker"]:
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.study worker")
+        parser.add_argument("out")
+        parser.add_argument("--phase", choices=("timing", "reference", "rows"), required=True)
+        parser.add_argument("--index", type=int, default=0)
+        parser.add_argument("--count", type=int, default=1)
+        args = parser.parse_args(argv[1:])
+        worker_main(Path(args.out), args.phase, args.index, args.count)
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--only", default=None, help="e.g. method=dsp,k=36,seed=0")
+    parser.add_argument("--out", default=None, help="run folder (the config's out_dir by default)")
+    parser.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: run every n-th grid row from i")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the device")
+    parser.add_argument("--resume", action="store_true", help="skip rows already in the run folder")
+    args = parser.parse_args(argv)
+    from pipeline.config import ConfigError
+
+    try:
+        config = load_study_config(args.config, args.overrides)
+        only = parse_only(args.only)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or config.out_dir)
+    try:
+        run_study(config, out, only=only, shard=args.shard, workers=args.workers, resume=args.resume)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"rows in {out}; merge with: python -m benchmarks.study merge {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
