@@ -359,6 +359,14 @@ def write_markdown(report: dict, path) -> Path:
     lines += _table(["Variant", "Batch", "Seq", "Threads", "p50 ms", "p90 ms", "p99 ms", "Throughput/s", "Speedup"],
                     rows) if rows else ["No latency was measured."]
 
+    if report.get("pruning_speedups"):
+        lines += ["", "## Pruning speedup: measured against ideal", "",
+                  "Pruned against unpruned on the same engine and precision. Ideal is the FLOP ratio from the "
+                  "real module shapes; efficiency = measured / ideal.", ""]
+        lines += _table(["Variant", "Batch", "Seq", "Measured", "Ideal", "Efficiency"],
+                        [[s["variant"], str(s["batch"]), str(s["seq"]), f"{s['measured']:.2f}x", f"{s['ideal']:.2f}x",
+                          f"{s['efficiency']:.2f}"] for s in report["pruning_speedups"]])
+
     lines += ["", "## Gates", ""]
     lines += _table(["Gate", "Value", "Bound", "Result"],
                     [[g["name"], f"{g['value']:.4g}", f"{g['bound']:.4g}", "PASS" if g["passed"] else "**FAIL**"]

@@ -60,10 +60,13 @@ def _guarded(debug: bool, action):
 
 @click.group()
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--quiet", is_flag=True, help="No progress bars or stage lines; errors and the summary only.")
 @click.pass_context
-def main(ctx, debug):
+def main(ctx, debug, quiet):
     """Differentiable Subset Pruning: fine-tune with head gates, prune to exactly K heads, ship ONNX."""
-    ctx.obj = {"debug": debug}
+    if quiet:
+        os.environ["DSPRUNE_PROGRESS"] = "0"
+    ctx.obj = {"debug": debug, "log": (lambda message: None) if quiet else (lambda m: click.echo(m, err=True))}
 
 
 @main.command()
@@ -80,7 +83,7 @@ def run(ctx, config_path, overrides, force):
         from pipeline.run import run_pipeline
 
         cfg = load_config(config_path, overrides)
-        folder = run_pipeline(cfg, force=force, log=lambda m: click.echo(m, err=True))
+        folder = run_pipeline(cfg, force=force, log=ctx.obj["log"])
         return folder
 
     folder = _guarded(ctx.obj["debug"], action)
@@ -111,7 +114,7 @@ def _stage_command(name: str):
 
             folder = RunFolder(Path(run_dir))
             cfg = folder.config()
-            folder.run_stage(_lookup(name), cfg, log=lambda m: click.echo(m, err=True))
+            folder.run_stage(_lookup(name), cfg, log=ctx.obj["log"])
             if name == "report":
                 check_gates(folder)
             return folder
@@ -122,6 +125,42 @@ def _stage_command(name: str):
 
     command.__doc__ = f"Run the {name} stage alone on RUN_DIR (its earlier stages must be complete)."
     return main.command(name=name)(command)
+
+
+@main.command()
+@click.argument("old_report", type=click.Path(dir_okay=False))
+@click.argument("new_report", type=click.Path(dir_okay=False))
+@click.option("--metric-tolerance", default=0.005, show_default=True, help="Allowed metric drop (metric units).")
+@click.option("--latency-tolerance", default=0.10, show_default=True, help="Allowed p50 increase (fraction).")
+@click.pass_context
+def compare(ctx, old_report, new_report, metric_tolerance, latency_tolerance):
+    """Print the regressions of NEW_REPORT against OLD_REPORT (report.json files); exit 1 if any."""
+
+    def action():
+        import json
+
+        from benchmarks.report import compare_reports, validate_report
+
+        reports = []
+        for path in (old_report, new_report):
+            try:
+                report = json.loads(Path(path).read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path}: not a readable report.json ({err.__class__.__name__})") from None
+            try:
+                validate_report(report)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
+            reports.append(report)
+        return compare_reports(*reports, metric_tolerance=metric_tolerance, latency_tolerance=latency_tolerance)
+
+    regressions = _guarded(ctx.obj["debug"], action)
+    for line in regressions:
+        click.echo(line)
+    if regressions:
+        click.echo(f"dsprune: {len(regressions)} regression(s) against {old_report}", err=True)
+        sys.exit(1)
+    click.echo(f"No regressions against {old_report}.")
 
 
 def _lookup(name):

@@ -90,7 +90,7 @@ class QuantizeConfig:
 @dataclass(frozen=True)
 class BenchConfig:
     batches: tuple[int, ...] = (1, 16)
-    seq: int = 128
+    seqs: tuple[int, ...] = (128,)
     threads: int = 2
     warmup: int = 5
     runs: int = 30
@@ -145,7 +145,8 @@ _CHECKS = {
     ("data", "max_seq_length"): lambda v: 8 <= v <= 512 or "must be in 8..512",
     ("finetune", "batch_size"): lambda v: v > 0 or "must be positive",
     ("bench", "threads"): lambda v: v > 0 or "must be positive",
-    ("bench", "seq"): lambda v: 1 <= v <= 512 or "must be in 1..512",
+    ("bench", "seqs"): lambda v: (len(v) > 0 and all(s >= 1 for s in v)) or "must list sequence lengths >= 1",
+    ("bench", "batches"): lambda v: (len(v) > 0 and all(b >= 1 for b in v)) or "must list batch sizes >= 1",
 }
 
 

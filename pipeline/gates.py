@@ -178,7 +178,9 @@ class HeadGates(nn.Module):
         return harden(self.logits.detach(), self.config.keep, per_layer=self.config.per_layer)
 
 
-def _scale_heads(mask_row, head_dim):
+def scale_heads_hook(mask_row, head_dim):
+    """A forward pre-hook scaling each head's slice of the output projection input by ``mask_row()``."""
+
     def hook(module, args):
         (hidden,) = args[:1]
         scale = mask_row().to(hidden.dtype).repeat_interleave(head_dim)
@@ -199,7 +201,10 @@ def add_head_gates_(model: nn.Module, config: GateConfig, seed: int = 0) -> Head
     heads = {p.num_heads for p in parts}
     if len(heads) != 1 or 0 in heads:
         raise ValueError(f"gates need an unpruned model with equal heads per layer, got {[p.num_heads for p in parts]}")
-    gates = HeadGates(len(parts), heads.pop(), config, seed=seed).to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    gates = HeadGates(len(parts), heads.pop(), config, seed=seed).to(device)
+    # The Gumbel noise is drawn on the gates' device, so its generator must live there too.
+    gates.noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
     model.head_gates = gates
 
     def refresh(module, args, kwargs):
@@ -208,7 +213,7 @@ def add_head_gates_(model: nn.Module, config: GateConfig, seed: int = 0) -> Head
     gates._hooks.append(model.register_forward_pre_hook(refresh, with_kwargs=True))
     for p in parts:
         row = (lambda layer: (lambda: gates.mask[layer]))(p.layer)
-        gates._hooks.append(p.output.register_forward_pre_hook(_scale_heads(row, p.head_dim)))
+        gates._hooks.append(p.output.register_forward_pre_hook(scale_heads_hook(row, p.head_dim)))
     return gates
 
 
@@ -218,7 +223,7 @@ def add_fixed_mask_(model: nn.Module, mask: torch.Tensor) -> list:
     mask = mask.detach().to(torch.float64)
     for p in attention_parts(model):
         row = (lambda layer: (lambda: mask[layer]))(p.layer)
-        handles.append(p.output.register_forward_pre_hook(_scale_heads(row, p.head_dim)))
+        handles.append(p.output.register_forward_pre_hook(scale_heads_hook(row, p.head_dim)))
     return handles
 
 

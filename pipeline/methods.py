@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.architectures import attention_parts
-from pipeline.gates import GateConfig, _scale_heads, add_head_gates_, harden, remove_head_gates_, top_k_mask
+from pipeline.gates import GateConfig, scale_heads_hook, add_head_gates_, harden, remove_head_gates_, top_k_mask
 
 TRAINED_METHODS = ("dsp", "ste", "hardconcrete")
 SCORED_METHODS = ("michel", "michel-iterative", "random")
@@ -176,20 +176,7 @@ def add_hardconcrete_gates_(model: nn.Module, config: HardConcreteConfig, seed: 
     gates._hooks.append(model.register_forward_hook(add_penalty, with_kwargs=True))
     for p in attention_parts(model):
         row = (lambda layer: (lambda: gates.mask[layer]))(p.layer)
-        gates._hooks.append(p.output.register_forward_pre_hook(_scale_heads(row, p.head_dim)))
-    return gates
-
-
-def add_dsp_gates_(model: nn.Module, config: GateConfig, seed: int = 0):
-    """``pipeline.gates.add_head_gates_`` with the Gumbel noise drawn on the model's device.
-
-    ``HeadGates`` seeds a CPU generator, which ``torch.rand(..., device="cuda")`` refuses; a
-    generator on the model's device keeps DSP runnable on a GPU (same seed, device-specific stream).
-    """
-    gates = add_head_gates_(model, config, seed=seed)
-    device = gates.logits.device
-    if device.type != "cpu":
-        gates.noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        gates._hooks.append(p.output.register_forward_pre_hook(scale_heads_hook(row, p.head_dim)))
     return gates
 
 
@@ -200,7 +187,7 @@ def _add_grad_mask_(model: nn.Module, mask: torch.Tensor) -> list:
     handles = []
     for p in attention_parts(model):
         row = (lambda layer: (lambda: mask[layer]))(p.layer)
-        handles.append(p.output.register_forward_pre_hook(_scale_heads(row, p.head_dim)))
+        handles.append(p.output.register_forward_pre_hook(scale_heads_hook(row, p.head_dim)))
     return handles
 
 
@@ -344,7 +331,7 @@ def add_method_gates_(model: nn.Module, method: str, keep: int, *, per_layer: bo
     ``HardConcreteConfig`` for hardconcrete, e.g. ``penalty``).
     """
     if method in ("dsp", "ste"):
-        return add_dsp_gates_(model, GateConfig(keep=keep, method=method, per_layer=per_layer, **options), seed=seed)
+        return add_head_gates_(model, GateConfig(keep=keep, method=method, per_layer=per_layer, **options), seed=seed)
     if method == "hardconcrete":
         return add_hardconcrete_gates_(model, HardConcreteConfig(keep=keep, per_layer=per_layer, **options), seed=seed)
     raise ValueError(f"method {method!r} has no training gates; trained methods: {', '.join(TRAINED_METHODS)}")

@@ -50,12 +50,13 @@ def train(
         epochs_of_batches: called with the epoch index, returns that epoch's batches (dicts with labels).
         on_step: called with the step index before each forward (the gates' temperature follows it).
     """
+    import os
     import sys
 
     from tqdm import tqdm
 
-    if progress is None:  # a bar only for people watching, not in CI logs
-        progress = sys.stderr.isatty()
+    if progress is None:  # a bar only for people watching, not in CI logs or under --quiet
+        progress = sys.stderr.isatty() and os.environ.get("DSPRUNE_PROGRESS", "1") != "0"
     device = next(model.parameters()).device
     use_bf16 = device.type == "cuda"
     model.train()

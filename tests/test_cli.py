@@ -22,10 +22,10 @@ def test_config_overrides_and_errors_are_gathered():
     assert cfg.prune.keep == 24 and cfg.bench.batches == (1, 8)
     assert cfg.prune.temperature_end == pytest.approx(1e-8)
     with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "configs" / "sst2-minilm.yaml", ["prune.keep=-1", "bench.seq=x", "nope=1"])
+        load_config(ROOT / "configs" / "sst2-minilm.yaml", ["prune.keep=-1", "bench.seqs=x", "nope=1"])
     message = str(err.value)
     assert "\n" not in message
-    assert all(s in message for s in ("prune.keep", "bench.seq", "nope: unknown key"))
+    assert all(s in message for s in ("prune.keep", "bench.seqs", "nope: unknown key"))
 
 
 @pytest.mark.integration

@@ -219,3 +219,29 @@ def test_schema_doc_example_is_valid():
 def test_plots_are_byte_for_byte_repeatable(report, tmp_path):
     first = plot_latency(report, tmp_path / "a.png").read_bytes()
     assert plot_latency(report, tmp_path / "b.png").read_bytes() == first
+
+
+def test_compare_command_exit_codes(report, tmp_path):
+    from conftest import run_cli
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(report))
+    new.write_text(json.dumps(report))
+    same = run_cli("compare", str(old), str(new))
+    assert same.returncode == 0 and "No regressions" in same.stdout
+    slower = copy.deepcopy(report)
+    for row in _variant(slower, "pruned/onnx-int8")["latency"]:
+        row["p50_ms"] *= 1.5
+    new.write_text(json.dumps(slower))
+    worse = run_cli("compare", str(old), str(new))
+    assert worse.returncode == 1 and "pruned/onnx-int8" in worse.stdout
+    new.write_text("{not json")
+    bad = run_cli("compare", str(old), str(new))
+    assert bad.returncode == 2 and "new.json: not a readable report.json" in bad.stderr
+
+
+def test_pruning_speedups_table(report, tmp_path):
+    report["pruning_speedups"] = [{"engine": "onnxruntime", "precision": "fp32", "variant": "pruned/onnx-fp32",
+                                   "batch": 16, "seq": 128, "measured": 1.1, "ideal": 1.25, "efficiency": 0.88}]
+    text = write_markdown(report, tmp_path / "report.md").read_text()
+    assert "| pruned/onnx-fp32 | 16 | 128 | 1.10x | 1.25x | 0.88 |" in text

@@ -65,7 +65,7 @@ CASES = [
     ("k above heads", lambda t: ["--set", "prune.keep=73"], "prune.keep: 73 exceeds the model's 72 heads"),
     ("per-layer misfit", lambda t: ["--set", "prune.per_layer=true", "--set", "prune.keep=10"],
      "cannot be split evenly over 6 layers"),
-    ("seq too long", lambda t: ["--set", "data.max_seq_length=512", "--set", "bench.seq=600"], "bench.seq"),
+    ("seq too long", lambda t: ["--set", "data.max_seq_length=512", "--set", "bench.seqs=[128,600]"], "bench.seqs: 600 exceeds"),
     ("missing data", lambda t: ["--set", f"data.train={t}/nope.tsv"], "nope.tsv: no such file"),
     ("empty data", lambda t: ["--set", f"data.train={_data_file(t, 'empty.tsv', '')}"], "empty.tsv"),
     ("column count", lambda t: ["--set", f"data.train={_data_file(t, 'cols.tsv', EXTRA_COLUMN)}"],

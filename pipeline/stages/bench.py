@@ -34,10 +34,11 @@ def run(cfg: RunConfig, run_dir, out):
     variants = variant_files(cfg, run_dir)
     tokenizer = resolve_model_path(cfg.model)
     rows = []
-    for batch in b.batches:
+    grid = [(batch, seq) for seq in b.seqs for batch in b.batches]
+    for batch, seq in grid:
         specs = [
             {"variant": name, "engine": engine, "model": path, "tokenizer": tokenizer,
-             "batch": batch, "seq": b.seq, "threads": b.threads, "warmup": b.warmup, "runs": b.runs}
+             "batch": batch, "seq": seq, "threads": b.threads, "warmup": b.warmup, "runs": b.runs}
             for name, (engine, path) in variants.items()
         ]
         for spec, result in zip(specs, interleaved(specs, threads=b.threads, rounds=b.rounds)):
@@ -45,7 +46,7 @@ def run(cfg: RunConfig, run_dir, out):
             rows.append({
                 "variant": spec["variant"], "pruned": model == "pruned", "engine": spec["engine"],
                 "precision": kind.split("-")[1], "device": "cpu", "threads": b.threads,
-                "batch": batch, "seq": b.seq, **{k: result[k] for k in result if k not in spec},
+                "batch": batch, "seq": seq, **{k: result[k] for k in result if k not in spec},
             })
     with open(out / "rows.jsonl", "w") as f:
         for row in rows:

@@ -90,7 +90,7 @@ def check_model_fits(cfg: RunConfig) -> None:
     if cfg.prune.per_layer and cfg.prune.keep % layers:
         raise ValueError(f"prune.keep: {cfg.prune.keep} heads cannot be split evenly over {layers} layers (prune.per_layer)")
     limit = getattr(config, "max_position_embeddings", None)
-    for field, value in (("data.max_seq_length", cfg.data.max_seq_length), ("bench.seq", cfg.bench.seq)):
+    for field, value in (("data.max_seq_length", cfg.data.max_seq_length), ("bench.seqs", max(cfg.bench.seqs))):
         if limit is not None and value > limit:
             raise ValueError(f"{field}: {value} exceeds the model's max_position_embeddings ({limit})")
 

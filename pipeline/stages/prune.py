@@ -40,12 +40,12 @@ def run(cfg: RunConfig, run_dir, out):
     save_pruned(model, out / "model", tokenizer)
 
     baseline = load_pruned(run_dir / "finetune" / "baseline")
-    seq = cfg.bench.seq
     write_json_atomic(out / "metrics.json", {
         "pruned": metrics,
         "masked_vs_pruned_max_abs_diff": diff,
         "params": {"baseline": count_parameters(baseline), "pruned": count_parameters(model)},
-        "flops_per_token": {"baseline": flops_per_token(baseline, seq), "pruned": flops_per_token(model, seq),
-                            "seq": seq},
+        # FLOPs per token depend on the sequence length (attention scores): one count per benchmarked length.
+        "flops_per_token": {name: {str(seq): flops_per_token(m, seq) for seq in sorted({128, *cfg.bench.seqs})}
+                            for name, m in (("baseline", baseline), ("pruned", model))},
     })
     return {"heads_kept": sum(len(v) for v in kept.values()), "max_abs_diff": diff}

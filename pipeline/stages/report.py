@@ -53,7 +53,7 @@ def build_report(cfg: RunConfig, run_dir: Path) -> dict:
         variants.append({
             "name": name, "pruned": model == "pruned", "engine": engine, "precision": kind.split("-")[1],
             "device": "cpu", "metric": metric_of[name][metric],
-            "params": pruned["params"][model], "flops_per_token": pruned["flops_per_token"][model],
+            "params": pruned["params"][model], "flops_per_token": pruned["flops_per_token"][model]["128"],
             "file_bytes": path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors")),
             "latency": [
                 {k: r[k] for k in ("batch", "seq", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s",
@@ -84,8 +84,37 @@ def build_report(cfg: RunConfig, run_dir: Path) -> dict:
         "seed": cfg.seed,
     }
     report["speedups"] = speedups(report)
+    report["pruning_speedups"] = pruning_speedups(variants, pruned["flops_per_token"])
     report["gates"] = evaluate_gates(cfg, report)
     return report
+
+
+def pruning_speedups(variants: list[dict], flops: dict) -> list[dict]:
+    """Pruned against unpruned on the same engine and precision: measured p50 ratio beside the ideal.
+
+    The ideal is the FLOP ratio from the real module shapes at that sequence length; efficiency is
+    measured / ideal (1.0 means the engine turned every removed FLOP into time saved).
+    """
+    by_name = {v["name"]: v for v in variants}
+    out = []
+    for variant in variants:
+        if not variant["pruned"]:
+            continue
+        kind = variant["name"].split("/", 1)[1]
+        base = by_name.get(f"baseline/{kind}")
+        if base is None:
+            continue
+        base_p50 = {(r["batch"], r["seq"]): r["p50_ms"] for r in base["latency"]}
+        for row in variant["latency"]:
+            key = (row["batch"], row["seq"])
+            if key not in base_p50 or str(row["seq"]) not in flops["baseline"]:
+                continue
+            measured = base_p50[key] / row["p50_ms"]
+            ideal = flops["baseline"][str(row["seq"])] / flops["pruned"][str(row["seq"])]
+            out.append({"engine": variant["engine"], "precision": variant["precision"], "variant": variant["name"],
+                        "batch": key[0], "seq": key[1], "measured": measured, "ideal": ideal,
+                        "efficiency": measured / ideal})
+    return out
 
 
 def evaluate_gates(cfg: RunConfig, report: dict) -> list[dict]:
