@@ -223,9 +223,11 @@ def scale_heads_hook(mask_row, head_dim):
     """A forward pre-hook scaling each head's slice of the output projection input by ``mask_row()``."""
 
     def hook(module, args):
-        (hidden,) = args[:1]
-        scale = mask_row().to(hidden.device, hidden.dtype).repeat_interleave(head_dim)
-        return (hidden * scale,) + tuple(args[1:])
+        hidden = args[0]
+        scale = mask_row().to(hidden.device, hidden.dtype)
+        # Views only: repeat_interleave would size its output on the host, a GPU sync per layer.
+        per_head = hidden.unflatten(-1, (scale.numel(), head_dim)) * scale.unsqueeze(-1)
+        return (per_head.flatten(-2),) + tuple(args[1:])
 
     return hook
 
