@@ -12,6 +12,11 @@ seconds, writes the weights inline (dynamo writes a ``.data`` sidecar), gives th
 every run, and produces the plain MatMul/Softmax graph that onnxruntime's transformer optimizer was
 built to pattern-match. ``dynamo=True`` stays available, and gives the same parity.
 
+The trace uses ``eager`` attention whatever the model was trained with: it is the only form whose
+graph onnxruntime's transformer optimizer fuses into ``Attention`` (the legacy ``sdpa``
+decomposition adds IsNaN/Where guards and an extra reshape; see :mod:`exporters.optimize`).
+The logits are the same to about 1e-7.
+
 torch and onnxruntime are imported inside the functions so that a benchmark child process that
 only needs :func:`onnx_session` never loads torch.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
@@ -97,6 +103,7 @@ def export_onnx(
     opset: int = 18,
     example: Mapping[str, Tensor] | None = None,
     dynamo: bool = False,
+    attn_implementation: str | None = "eager",
 ) -> Path:
     """Export ``model`` to a single ONNX file with dynamic batch and sequence axes.
 
@@ -114,6 +121,8 @@ def export_onnx(
         example: int64 tensors of shape (batch, seq), or float ``pixel_values`` (batch, C, H, W), to
             trace with; a fixed random one when None.
         dynamo: use the torch.export-based exporter instead of the legacy TorchScript one.
+        attn_implementation: the attention to trace (restored afterwards); None keeps the model's.
+            Models that cannot switch (custom attention code) keep theirs.
 
     Returns:
         The path written.
@@ -146,7 +155,7 @@ def export_onnx(
             axes = {"dynamic_shapes": {"tensors": tuple({i: dims[d] for i, d in dynamic[n].items()} for n in names)}}
         else:
             axes = {"dynamic_axes": {**dynamic, OUTPUT_NAME: {0: "batch"}}}
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _attention(model, attn_implementation):
             # The legacy exporter warns that it is deprecated, the tracer warns about transformers'
             # Python-side shape checks, and aten::index warns about negative indices (the mask's
             # come from arange); none changes the graph's correctness, which check_parity verifies
@@ -168,6 +177,22 @@ def export_onnx(
         tmp.unlink(missing_ok=True)
         sidecar.unlink(missing_ok=True)
     return path
+
+
+@contextmanager
+def _attention(model, implementation: str | None):
+    """Switch ``model`` (and its sub-models) to another attention implementation for a block."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_attn_implementation", None)
+    switch = (implementation is not None and previous is not None and implementation != previous
+              and hasattr(model, "set_attn_implementation") and model._can_set_attn_implementation())
+    if switch:
+        model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(previous)
 
 
 def onnx_session(path, threads: int | None = None) -> onnxruntime.InferenceSession:

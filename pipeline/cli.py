@@ -169,8 +169,41 @@ def _lookup(name):
     return next(s for s in STAGES if s.name == name)
 
 
-for _name in ("finetune", "harden", "prune", "export", "quantize", "bench", "report"):
+for _name in ("finetune", "harden", "prune", "export", "quantize", "bench", "report", "artifact"):
     _stage_command(_name)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.argument("texts", nargs=-1)
+@click.option("--file", "text_file", type=click.File("r"), help="One text per line ('-' for stdin); a pair task "
+              "takes 'first<TAB>second'.")
+@click.option("--format", "output_format", type=click.Choice(["jsonl", "table"]), default="jsonl", show_default=True)
+@click.option("--variant", default="model.onnx", show_default=True, help="ONNX file of the artifact to run.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime threads (default: its own).")
+@click.pass_context
+def predict(ctx, artifact, texts, text_file, output_format, variant, batch_size, threads):
+    """Label TEXTS (or the lines of --file) with an artifact folder (RUN/artifact): label and score per text."""
+    texts = list(texts) + ([line.rstrip("\n") for line in text_file if line.strip()] if text_file else [])
+    if not texts:
+        raise click.UsageError("give TEXT arguments or --file")
+
+    def action():
+        from exporters.artifact import load_artifact
+
+        return load_artifact(artifact, file=variant, threads=threads).predict(texts, batch_size=batch_size)
+
+    predictions = _guarded(ctx.obj["debug"], action)
+    if output_format == "table":
+        from exporters.artifact import format_table
+
+        click.echo(format_table(predictions))
+    else:
+        import json
+
+        for p in predictions:
+            click.echo(json.dumps(p, ensure_ascii=False))
 
 
 if __name__ == "__main__":

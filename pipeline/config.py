@@ -84,7 +84,12 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class QuantizeConfig:
+    """Presets (exporters.quantize.PRESETS), graph optimization, and the accuracy bound of each preset."""
+
     presets: tuple[str, ...] = ("int8-dynamic",)
+    optimize: str = "auto"  # auto: keep onnxruntime's fused graph where it times faster; always; never
+    max_drop: float | None = None  # per preset, pruned dev metric vs the fp32 pruned ONNX model; crossed -> exit 1
+    calibration_examples: int = 256  # training examples that calibrate the int8-static preset
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,8 @@ _CHECKS = {
     ("data", "max_seq_length"): lambda v: 8 <= v <= 512 or "must be in 8..512",
     ("finetune", "batch_size"): lambda v: v > 0 or "must be positive",
     ("bench", "threads"): lambda v: v > 0 or "must be positive",
+    ("quantize", "optimize"): lambda v: v in ("auto", "always", "never") or "must be auto, always or never",
+    ("quantize", "calibration_examples"): lambda v: v > 0 or "must be positive",
     ("bench", "seqs"): lambda v: (len(v) > 0 and all(s >= 1 for s in v)) or "must list sequence lengths >= 1",
     ("bench", "batches"): lambda v: (len(v) > 0 and all(b >= 1 for b in v)) or "must list batch sizes >= 1",
 }

@@ -35,9 +35,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("harden", "harden", ("finetune",), ("prune",)),
     Stage("prune", "prune", ("finetune", "harden"), ()),
     Stage("export", "export", ("finetune", "prune"), ("export",)),
-    Stage("quantize", "quantize", ("export",), ("quantize",)),
+    Stage("quantize", "quantize", ("export",), ("quantize", "export")),  # export.parity_atol checks fused graphs
     Stage("bench", "bench", ("finetune", "prune", "export", "quantize"), ("bench",)),
     Stage("report", "report", ("finetune", "harden", "prune", "export", "quantize", "bench"), ("gates",)),
+    # artifact times the variants with bench's settings to pick model.onnx
+    Stage("artifact", "artifact", ("finetune", "prune", "export", "quantize", "bench"), ("data", "quantize", "bench")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

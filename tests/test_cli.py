@@ -13,7 +13,8 @@ def dsprune(*args, **kwargs):
 def test_help_is_instant_and_lists_every_stage():
     result = dsprune("--help")
     assert result.returncode == 0
-    for stage in ("run", "finetune", "harden", "prune", "export", "quantize", "bench", "report"):
+    for stage in ("run", "finetune", "harden", "prune", "export", "quantize", "bench", "report", "artifact",
+                  "predict"):
         assert stage in result.stdout
 
 
@@ -52,15 +53,52 @@ def test_run_end_to_end_on_the_bundled_model(smoke_run, tmp_path):
     assert list(manifest["stages"]) and all(len(s["outputs"]) > 0 for s in manifest["stages"].values())
     assert all(s["seed"] == 0 for s in manifest["stages"].values())
 
+    # Quantize: every preset scored against the fp32 pruned model, the recorded graph choice, sizes.
+    from exporters.artifact import read_manifest, verify_artifact
+
+    quant = json.loads((run_dir / "quantize" / "metrics.json").read_text())
+    presets = ("int8-dynamic", "int8-static", "fp16")
+    pruned_variants = {p: quant["variants"][f"pruned-{p}.onnx"] for p in ("fp32", *presets)}
+    assert all(isinstance(v["drop"], float) and 0 <= v["metric"]["accuracy"] <= 1 for v in pruned_variants.values())
+    assert quant["graphs"] == {"fp32": "plain", "int8-dynamic": "plain", "int8-static": "plain", "fp16": "fused"}
+    layers_with_heads = sum(1 for heads in report["model"]["kept_heads"].values() if heads)
+    assert pruned_variants["fp16"]["fused_ops"]["Attention"] == layers_with_heads  # fused per layer, uneven heads
+    assert quant["fused"]["pruned"]["fused_ops"]["SkipLayerNormalization"] >= 6
+    assert quant["fused"]["pruned"]["parity_max_abs_diff"] <= 1e-4
+    assert all(pruned_variants[p]["size_ratio"] > 3.5 for p in ("int8-dynamic", "int8-static"))
+    assert 1.9 < pruned_variants["fp16"]["size_ratio"] < 2.1
+
+    # The artifact: every pruned variant, the fastest timed one as model.onnx, hashes that hold, a card.
+    artifact = run_dir / "artifact"
+    verify_artifact(artifact)
+    card = read_manifest(artifact)
+    assert {v["file"] for v in card["variants"]} == {f"model-{p}.onnx" for p in ("fp32", *presets)}
+    timed = {v["file"]: v["latency"]["p50_ms"] for v in card["variants"] if v["latency"]}
+    assert card["chosen"]["file"] == min(timed, key=timed.get) and "model-fp16.onnx" not in timed
+    assert card["files"]["model.onnx"] == card["files"][card["chosen"]["file"]]
+    assert card["labels"] == ["0", "1"] and card["tokenizer"]["max_length"] == 32
+    if card["chosen"]["file"] == "model-int8-dynamic.onnx":  # the file bench timed as pruned/onnx-int8
+        assert card["latency"]["variant"] == "pruned/onnx-int8" and card["latency"]["rows"][0]["p50_ms"] > 0
+    assert "## Variants" in (artifact / "README.md").read_text()
+    predicted = dsprune("predict", str(artifact), "a charming and often affecting journey", "--format", "jsonl")
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert json.loads(predicted.stdout.splitlines()[0])["label"] in card["labels"]
+
     # Unchanged config: every stage is skipped. A gate that cannot pass: only the report reruns, exit 1.
     run_dir = copy_run(run_dir, tmp_path / "run")
     again = dsprune("run", "-c", "configs/tiny-smoke.yaml", "--set", f"run_dir={run_dir}")
-    assert again.returncode == 0 and again.stderr.count("up to date, skipped") == 7
+    assert again.returncode == 0 and again.stderr.count("up to date, skipped") == 8
     gated = dsprune("run", "-c", "configs/tiny-smoke.yaml", "--set", f"run_dir={run_dir}",
                     "--set", "gates.max_metric_drop=-1.0")
     assert gated.returncode == 1
     assert "[report] running" in gated.stderr and "[finetune] up to date" in gated.stderr
     assert "gate failed: gate max_metric_drop" in gated.stderr.strip().splitlines()[-1]
+    # A preset bound that cannot hold: the quantize stage fails, exit 1, naming the presets.
+    bounded = dsprune("run", "-c", "configs/tiny-smoke.yaml", "--set", f"run_dir={run_dir}",
+                      "--set", "quantize.max_drop=-1.0")
+    assert bounded.returncode == 1, bounded.stderr[-2000:]
+    last = bounded.stderr.strip().splitlines()[-1]
+    assert "gate failed: quantize.max_drop -1 crossed: preset int8-dynamic loses" in last and "preset fp16" in last
 
     # A stage alone, on the run folder: same inputs and seed, so the same mask.
     mask = (run_dir / "harden" / "mask.json").read_bytes()

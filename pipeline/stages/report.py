@@ -42,6 +42,8 @@ def build_report(cfg: RunConfig, run_dir: Path) -> dict:
         "baseline/onnx-fp32": onnx["baseline"], "pruned/onnx-fp32": onnx["pruned"],
     }
     for preset, by_model in quant["metrics"].items():
+        if preset != "int8-dynamic":  # the preset bench times as onnx-int8; quantize/metrics.json has the others
+            continue
         precision = preset.split("-")[0]
         for model, values in by_model.items():
             metric_of[f"{model}/onnx-{precision}"] = values
