@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 
 BUNDLED_MODEL = "bundled:all-minilm-l6-v2"
+# pipeline.methods.METHODS, repeated here so loading a config stays free of torch imports.
+PRUNE_METHODS = ("dsp", "ste", "hardconcrete", "michel", "michel-iterative", "random")
 
 
 class ConfigError(ValueError):
@@ -141,7 +143,7 @@ class RunConfig:
 
 
 _CHECKS = {
-    ("prune", "method"): lambda v: v in ("dsp", "ste") or "must be one of dsp, ste",
+    ("prune", "method"): lambda v: v in PRUNE_METHODS or f"must be one of {', '.join(PRUNE_METHODS)}",
     ("prune", "mode"): lambda v: v in ("joint", "pipelined") or "must be joint or pipelined",
     ("prune", "init"): lambda v: v in ("finetuned", "pretrained") or "must be finetuned or pretrained",
     ("prune", "keep"): lambda v: v > 0 or "must be a positive number of heads",

@@ -1,4 +1,7 @@
-"""Stage finetune: the unpruned reference, then gate training (DSP or STE) for an exact K.
+"""Stage finetune: the unpruned reference, then ``prune.method`` chooses exactly K heads.
+
+Trained methods (dsp, ste, hardconcrete) train gates, jointly with the weights or on the frozen
+reference; scored methods (michel, michel-iterative, random) rank heads of the reference.
 
 Outputs: ``baseline/`` (the fine-tuned reference checkpoint), ``gated/`` (the weights trained
 with gates), ``gates.json`` (logits and schedule), ``metrics.json``, ``train_log.json``.
@@ -13,7 +16,7 @@ import torch
 from pipeline import data
 from pipeline.config import RunConfig
 from pipeline.evaluation import evaluate_torch, load_task_data
-from pipeline.gates import GateConfig, add_head_gates_, remove_head_gates_
+from pipeline.methods import SCORED_METHODS, select_heads
 from pipeline.models import load_classifier, load_tokenizer
 from pipeline.run import write_json_atomic
 from pipeline.surgery import save_pruned
@@ -36,43 +39,54 @@ def _plain_finetune(model, encoded, cfg: RunConfig):
     )
 
 
-def _gated_train(model, encoded, cfg: RunConfig):
+def _select_heads(model, encoded, cfg: RunConfig):
+    """Run ``prune.method`` on ``model``; trained methods train their gates (and, joint, the weights).
+
+    Returns the :class:`pipeline.methods.Selection` and the training result (None for scored methods).
+    """
     pr, ft = cfg.prune, cfg.finetune
     steps = steps_for(pr.epochs, len(encoded.labels), ft.batch_size)
-    gate_config = GateConfig(
-        keep=pr.keep, method=pr.method, per_layer=pr.per_layer,
-        temperature_start=pr.temperature_start, temperature_end=pr.temperature_end,
-        cooldown_steps=max(1, int(pr.cooldown_fraction * steps)),
-    )
-    gates = add_head_gates_(model, gate_config, seed=cfg.seed)
-    groups = [{"params": [gates.logits], "lr": pr.gate_lr, "weight_decay": 0.0}]
-    weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
-    if pr.mode == "joint":
-        groups.append({"params": weights, "lr": pr.lr, "weight_decay": ft.weight_decay})
-    else:
-        for p in weights:
-            p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
-    # The weights' learning rate decays linearly; the gates keep theirs, as in the paper's code.
-    def weight_factor(step):
-        return max(0.0, (steps - step) / steps)
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [lambda step: 1.0] + ([weight_factor] if pr.mode == "joint" else [])
-    )
+    def batches(epoch):
+        return data.batches(encoded, ft.batch_size, shuffle=True, seed=cfg.seed * 1000 + 500 + epoch)
 
-    def on_step(step):
-        gates.step = step
+    options = {}
+    if pr.method in ("dsp", "ste"):
+        options = {"temperature_start": pr.temperature_start, "temperature_end": pr.temperature_end,
+                   "cooldown_steps": max(1, int(pr.cooldown_fraction * steps))}
+    trained = {}
 
-    result = train(
-        model,
-        lambda epoch: data.batches(encoded, ft.batch_size, shuffle=True, seed=cfg.seed * 1000 + 500 + epoch),
-        steps=steps, optimizer=optimizer, scheduler=scheduler, on_step=on_step, description=f"gates ({pr.method})",
-    )
-    for p in weights:
-        p.requires_grad_(True)
-    remove_head_gates_(model)
-    return result, gates, gate_config
+    def train_gates(model, gates):
+        groups = [{"params": list(gates.parameters()), "lr": pr.gate_lr, "weight_decay": 0.0}]
+        weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
+        if pr.mode == "joint":
+            groups.append({"params": weights, "lr": pr.lr, "weight_decay": ft.weight_decay})
+        else:
+            for p in weights:
+                p.requires_grad_(False)
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+
+        # The weights' learning rate decays linearly; the gates keep theirs, as in the paper's code.
+        def weight_factor(step):
+            return max(0.0, (steps - step) / steps)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [lambda step: 1.0] + ([weight_factor] if pr.mode == "joint" else [])
+        )
+
+        def on_step(step):
+            gates.step = step
+
+        try:
+            trained["run"] = train(model, batches, steps=steps, optimizer=optimizer, scheduler=scheduler,
+                                   on_step=on_step, description=f"gates ({pr.method})")
+        finally:
+            for p in weights:
+                p.requires_grad_(True)
+
+    selection = select_heads(pr.method, model, pr.keep, per_layer=pr.per_layer, seed=cfg.seed,
+                             train_gates=train_gates, batches_fn=batches, **options)
+    return selection, trained.get("run")
 
 
 def check_model_fits(cfg: RunConfig) -> None:
@@ -110,16 +124,23 @@ def run(cfg: RunConfig, run_dir, out):
     baseline_metrics = evaluate_torch(model, task_data)
     save_pruned(model.cpu(), out / "baseline", tokenizer)
 
-    gated = (gated_start if gated_start is not None else model).to(device)
+    # Scored methods rank the heads of the fine-tuned reference, whatever prune.init says.
+    scored = cfg.prune.method in SCORED_METHODS
+    gated = (gated_start if gated_start is not None and not scored else model).to(device)
     torch.manual_seed(cfg.seed + 1)
-    gated_run, gates, gate_config = _gated_train(gated, encoded, cfg)
+    selection, gated_run = _select_heads(gated, encoded, cfg)
     save_pruned(gated.cpu(), out / "gated", tokenizer)
 
+    # harden takes the top K of these scores; the selected heads rank first whatever the method
+    # (michel-iterative's mask is not the top K of one score vector).
+    ranking = selection.mask.double() * 1e6
+    if selection.scores is not None:
+        ranking = ranking + selection.scores.double().clamp(-1e5, 1e5)
     write_json_atomic(out / "gates.json", {
-        "logits": gates.logits.detach().cpu().tolist(),
-        "config": gate_config.to_dict(),
-        "final_temperature": gates.temperature,
-        "steps": gated_run.steps,
+        "logits": ranking.tolist(),
+        "method": cfg.prune.method,
+        "info": selection.info,
+        "steps": gated_run.steps if gated_run else 0,
     })
     metrics = {
         "task": task_data.task.name,
@@ -130,11 +151,12 @@ def run(cfg: RunConfig, run_dir, out):
         "baseline_train": {"steps": baseline_run.steps, "seconds": round(baseline_run.seconds, 1),
                            "final_loss": baseline_run.final_loss},
         "gated_train": {"steps": gated_run.steps, "seconds": round(gated_run.seconds, 1),
-                        "final_loss": gated_run.final_loss, "seconds_per_step": gated_run.seconds / gated_run.steps},
+                        "final_loss": gated_run.final_loss, "seconds_per_step": gated_run.seconds / gated_run.steps}
+        if gated_run else {"steps": 0},
         "device": str(device),
     }
     write_json_atomic(out / "metrics.json", metrics)
-    write_json_atomic(out / "train_log.json", {"baseline": baseline_run.log, "gated": gated_run.log})
+    write_json_atomic(out / "train_log.json", {"baseline": baseline_run.log, "gated": gated_run.log if gated_run else []})
     return {"baseline_metric": baseline_metrics[task_data.task.primary_metric]}
 
 
