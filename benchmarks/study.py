@@ -30,8 +30,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from pipeline.config import DataConfig, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -165,22 +163,9 @@ def study_config_from_dict(data: dict, where: str = "config") -> StudyConfig:
 
 
 def load_study_config(path, overrides=()) -> StudyConfig:
-    from pipeline.config import ConfigError, _parse_override
+    from pipeline.config import read_yaml_with_overrides
 
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError:
-        raise ConfigError(f"{path}: not valid YAML") from None
-    for text in overrides:
-        keys, value = _parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return study_config_from_dict(data, str(path))
+    return study_config_from_dict(read_yaml_with_overrides(path, overrides), str(path))
 
 
 # --------------------------------------------------------------------------- the grid

@@ -16,16 +16,16 @@ The folder loads with onnxruntime and the ``tokenizers`` library alone::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.files import sha256_file, write_json_atomic
 
 SCHEMA = "dsprune.artifact/1"
 MODEL_FILE = "model.onnx"
@@ -87,14 +87,6 @@ class TaskInfo:
     text_segments: int
     max_length: int
     eval_examples: int
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -213,7 +205,7 @@ def build_artifact(
     (out / CARD_FILE).write_text(model_card(manifest))
     manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                          for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
-    _write_json(out / MANIFEST_FILE, manifest)
+    write_json_atomic(out / MANIFEST_FILE, manifest)
     _make_readable(out / MANIFEST_FILE)
     return manifest
 
@@ -221,14 +213,6 @@ def build_artifact(
 def _make_readable(path: Path) -> None:
     # Temp files (mkstemp) are created 0600; a folder meant for deployment is read by other users.
     path.chmod(path.stat().st_mode | 0o444)
-
-
-def _write_json(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _mb(n: int) -> str:

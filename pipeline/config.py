@@ -226,14 +226,13 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
+def read_yaml_with_overrides(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> dict:
+    """The mapping in a YAML file (empty when ``path`` is None) with dotted ``key=value`` overrides applied.
 
     Raises:
-        ConfigError: listing every problem, each naming the file, the field and the value.
+        ConfigError: a missing, unreadable or invalid file, or an override that is not ``key=value``.
     """
     data: dict = {}
-    name = str(path) if path else "<defaults>"
     if path is not None:
         path = Path(path)
         try:
@@ -254,6 +253,17 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text}: {key} is not a section")
         node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    Raises:
+        ConfigError: listing every problem, each naming the file, the field and the value.
+    """
+    name = str(path) if path else "<defaults>"
+    data = read_yaml_with_overrides(path, overrides)
     errors: list[str] = []
     config = _build(RunConfig, data, "", errors)
     if errors:

@@ -7,19 +7,18 @@ next ``dsprune run`` resumes from the last complete stage.
 from __future__ import annotations
 
 import errno
-import hashlib
 import importlib
 import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.config import RunConfig, config_from_dict
+from pipeline.files import sha256_file, write_json_atomic  # noqa: F401 - stages import it from here
 
 
 @dataclass(frozen=True)
@@ -54,25 +53,6 @@ class StorageError(RuntimeError):
 
 class ArtifactError(ValueError):
     """A stage's input no longer matches what the manifest recorded (corrupted or edited)."""
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hash_tree(folder: Path) -> dict[str, str]:
