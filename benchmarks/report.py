@@ -293,6 +293,15 @@ def _summary(report: dict) -> list[str]:
         f"- {metric.capitalize()} by stage: " + "; ".join(
             f"{s['stage']} {s['metric']:.4f} (drop {_points(s['drop'])})" for s in report["stages"]) + ".",
     ]
+    ffn = model.get("ffn")
+    if ffn:
+        kept = sum(ffn["neurons_kept_per_layer"])
+        empty = ffn["layers_without_matmuls"]
+        lines.append(f"- Feed-forward neurons kept: **{kept} of {ffn['neurons_total']}** (blocks of {ffn['block_size']}; "
+                     f"per layer {', '.join(map(str, ffn['neurons_kept_per_layer']))}); FLOPs per token kept at seq "
+                     f"{ffn['flops_seq']}: **{ffn['flops_kept_fraction']:.1%}**"
+                     + (f"; layers {', '.join(map(str, empty))} keep no heads and no neurons (no matrix products)."
+                        if empty else "."))
     seq, points = _batch1_points(report)
     pruned = [(v, r) for v, r in points if v["pruned"]]
     if not pruned:

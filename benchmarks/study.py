@@ -126,14 +126,34 @@ class StudyConfig:
     hardconcrete: HardConcreteSpec = field(default_factory=HardConcreteSpec)
     michel: MichelSpec = field(default_factory=MichelSpec)
     timing: TimingSpec = field(default_factory=TimingSpec)
+    # Variants with "+ffn" select heads and feed-forward blocks under one FLOP budget: at each K of
+    # ``keeps`` the FLOPs of K heads alone (a heads-only row at the same cost), and at each of these
+    # shares of the model's FLOPs per token at ``flops_seq`` tokens.
+    flops_fractions: tuple[float, ...] = ()
+    ffn_block_size: int = 64
+    flops_seq: int = 128
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+FFN_SUFFIX = "+ffn"
+FFN_VARIANT_METHODS = ("dsp", "ste", "random")
+
+
+def variant_prunes_ffn(variant: str) -> bool:
+    return variant.partition(":")[0].endswith(FFN_SUFFIX)
+
+
 def parse_variant(variant: str) -> tuple[str, str]:
-    """``"dsp:joint"`` -> ("dsp", "joint"); ``"michel"`` -> ("michel", "reference")."""
+    """``"dsp:joint"`` -> ("dsp", "joint"); ``"michel"`` -> ("michel", "reference");
+    ``"dsp+ffn:joint"`` -> ("dsp", "joint") (heads and feed-forward blocks, see :func:`variant_prunes_ffn`)."""
     method, _, mode = variant.partition(":")
+    if method.endswith(FFN_SUFFIX):
+        method = method[: -len(FFN_SUFFIX)]
+        if method not in FFN_VARIANT_METHODS:
+            raise ValueError(f"variant {variant!r}: feed-forward blocks are selected by "
+                             f"{', '.join(m + FFN_SUFFIX for m in FFN_VARIANT_METHODS)}")
     if method in TRAINED:
         if mode not in ("joint", "pipelined"):
             raise ValueError(f"variant {variant!r}: a trained method needs :joint or :pipelined")
@@ -155,6 +175,8 @@ def study_config_from_dict(data: dict, where: str = "config") -> StudyConfig:
             parse_variant(variant)
         except ValueError as err:
             errors.append(f"variants: {err}")
+    if any(not 0 < f < 1 for f in config.flops_fractions):
+        errors.append(f"flops_fractions: each must be in (0, 1), got {list(config.flops_fractions)}")
     if not config.seeds or not config.keeps or not config.variants:
         errors.append("seeds, keeps and variants must not be empty")
     if errors:
@@ -176,10 +198,13 @@ class Job:
     kind: str  # "step_time", "reference" or "row"
     seed: int
     variant: str = ""
-    keep: int = 0
+    keep: int = 0  # heads kept; for "+ffn" variants, the FLOPs of that many heads
+    fraction: float | None = None  # "+ffn" variants: a share of the FLOPs instead of keep
 
     @property
     def key(self) -> str:
+        if self.kind == "row" and self.fraction is not None:
+            return f"{self.variant}|f={self.fraction:g}|seed={self.seed}"
         if self.kind == "row":
             return f"{self.variant}|k={self.keep}|seed={self.seed}"
         return f"{self.kind}|seed={self.seed}"
@@ -190,8 +215,8 @@ def parse_only(text: str | None) -> dict[str, set[str]]:
     filters: dict[str, set[str]] = {}
     for part in filter(None, (text or "").split(",")):
         key, sep, value = part.partition("=")
-        if not sep or key not in ("method", "mode", "variant", "k", "seed"):
-            raise ValueError(f"--only {text!r}: expected method=, mode=, variant=, k= or seed= items")
+        if not sep or key not in ("method", "mode", "variant", "k", "f", "seed"):
+            raise ValueError(f"--only {text!r}: expected method=, mode=, variant=, k=, f= or seed= items")
         filters.setdefault(key, set()).add(value)
     return filters
 
@@ -201,12 +226,16 @@ def grid(config: StudyConfig, only: dict[str, set[str]] | None = None, shard: tu
     only = only or {}
     jobs = []
     for seed in config.seeds:
-        for keep in config.keeps:
+        budgets = [(keep, None) for keep in config.keeps] + [(0, f) for f in config.flops_fractions]
+        for keep, fraction in budgets:
             for variant in config.variants:
+                if fraction is not None and not variant_prunes_ffn(variant):
+                    continue
                 method, mode = parse_variant(variant)
-                fields = {"method": method, "mode": mode, "variant": variant, "k": str(keep), "seed": str(seed)}
+                fields = {"method": method, "mode": mode, "variant": variant, "k": str(keep), "seed": str(seed),
+                          "f": f"{fraction:g}" if fraction is not None else ""}
                 if all(fields[key] in values for key, values in only.items()):
-                    jobs.append(Job("row", seed, variant, keep))
+                    jobs.append(Job("row", seed, variant, keep, fraction))
     index, count = shard
     return [job for i, job in enumerate(jobs) if i % count == index]
 
@@ -310,13 +339,13 @@ class Context:
         model_config = dc.replace(self.config.model, name=str(path))
         return load_classifier(model_config, self.task.num_labels, self.task.label_names).float().to(self.device)
 
-    def evaluate(self, model, mask=None) -> float:
+    def evaluate(self, model, mask=None, ffn_mask=None) -> float:
         from pipeline import data
         from pipeline.evaluation import score
         from pipeline.gates import add_fixed_mask_
         from pipeline.training import predict
 
-        handles = add_fixed_mask_(model, mask) if mask is not None else []
+        handles = add_fixed_mask_(model, mask, ffn_mask) if mask is not None else []
         try:
             logits = predict(model, data.batches(self.dev, self.config.eval_batch_size, shuffle=False))
         finally:
@@ -447,7 +476,18 @@ def run_row(ctx: Context, job: Job) -> dict:
     model = ctx.pretrained(job.seed) if mode == "joint" else ctx.reference(job.seed)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     torch.manual_seed(job.seed + 1)
-    if method in TRAINED and not (mode == "pipelined" and job.keep == layers * heads):
+    ffn = _ffn_budget(ctx, model, job) if variant_prunes_ffn(job.variant) else None
+    if ffn is not None:
+        train_gates = None
+        if method in TRAINED:
+            steps = ctx.steps(cfg.joint.epochs if mode == "joint" else cfg.pipelined.epochs)
+            gate_lr, options = _gate_options(ctx, method, steps)
+            train_gates = gate_trainer(ctx, method, mode, job.seed, steps, gate_lr, record)
+        else:
+            options = {}
+        selection = select_heads(method, model, layers * heads, seed=job.seed, train_gates=train_gates, ffn=ffn,
+                                 **options)
+    elif method in TRAINED and not (mode == "pipelined" and job.keep == layers * heads):
         steps = ctx.steps(cfg.joint.epochs if mode == "joint" else cfg.pipelined.epochs)
         gate_lr, options = _gate_options(ctx, method, steps)
         selection = select_heads(method, model, job.keep, per_layer=cfg.per_layer, seed=job.seed,
@@ -466,15 +506,45 @@ def run_row(ctx: Context, job: Job) -> dict:
                                  batches_fn=batches_fn, step_fraction=cfg.michel.step_fraction)
     if mode == "pipelined" and cfg.pipelined.recovery_epochs > 0:
         record.update(recover(ctx, model, selection.mask, job.seed))
-    value = ctx.evaluate(model, selection.mask)
+    value = ctx.evaluate(model, selection.mask, selection.ffn_mask)
     mask = selection.mask
     row = ctx.base_row(job)
     row.update(variant=job.variant, method=method, mode=mode, keep=job.keep, per_layer=cfg.per_layer,
                value=value, heads_per_layer=mask.sum(1).tolist(),
                kept_heads={str(i): torch.nonzero(r).flatten().tolist() for i, r in enumerate(mask)},
-               wall_seconds=round(time.perf_counter() - start, 2), **record)
+               flops_kept_fraction=_flops_kept(ctx, model, selection), wall_seconds=round(time.perf_counter() - start, 2),
+               **record)
+    if ffn is not None:
+        row.update(fraction=job.fraction, flops_budget=ffn.flops_keep_fraction, heads_kept=int(mask.sum()),
+                   ffn_blocks_per_layer=selection.ffn_mask.sum(1).tolist(), ffn_block_size=ffn.block_size)
     row.update({k: v for k, v in selection.info.items() if k in ("penalty_keeps", "final_temperature")})
     return row
+
+
+def _ffn_budget(ctx: Context, model, job: Job):
+    """The job's one FLOP budget: its fraction, or what keeping ``job.keep`` heads alone would cost."""
+    from pipeline.methods import FfnBudget
+    from pipeline.surgery import flops_per_token, unit_flops
+
+    cfg = ctx.config
+    fraction = job.fraction
+    if fraction is None:
+        heads, _ = unit_flops(model, cfg.ffn_block_size, cfg.flops_seq)
+        removed = float(heads.flatten().sort().values[: heads.numel() - job.keep].sum())  # all heads cost the same
+        fraction = 1 - removed / flops_per_token(model, cfg.flops_seq)
+    return FfnBudget(cfg.ffn_block_size, flops_keep_fraction=fraction, seq=cfg.flops_seq)
+
+
+def _flops_kept(ctx: Context, model, selection) -> float:
+    """FLOPs per token at ``flops_seq`` of the selected heads (and blocks) over the unpruned model's."""
+    from pipeline.surgery import flops_per_token, unit_flops
+
+    cfg = ctx.config
+    heads, blocks = unit_flops(model, cfg.ffn_block_size, cfg.flops_seq)
+    removed = float((heads * (~selection.mask.bool()).double()).sum())
+    if selection.ffn_mask is not None:
+        removed += float((blocks * (~selection.ffn_mask.bool()).double()).sum())
+    return 1 - removed / flops_per_token(model, cfg.flops_seq)
 
 
 def measure_step_time(ctx: Context) -> dict:
@@ -650,31 +720,42 @@ def summarize(rows: list[dict]) -> dict:
     latest = {row["key"]: row for row in rows if "key" in row}
     rows = list(latest.values())
     grid_rows = [r for r in rows if r["kind"] == "row"]
-    groups: dict[tuple[str, int], list[float]] = {}
+    groups: dict[tuple[str, int, float], list[dict]] = {}
     for row in grid_rows:
-        groups.setdefault((row["variant"], row["keep"]), []).append(row["value"])
+        fraction = row.get("fraction")
+        groups.setdefault((row["variant"], row["keep"], -1.0 if fraction is None else fraction), []).append(row)
 
     def stats(values):
         return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "n": len(values)}
+
+    def cell(variant, keep, fraction, group):
+        entry = {"variant": variant, "keep": keep, **stats([r["value"] for r in group])}
+        if fraction >= 0:
+            entry["fraction"] = fraction
+        flops = [r["flops_kept_fraction"] for r in group if "flops_kept_fraction" in r]
+        if flops:
+            entry["flops_kept_fraction"] = statistics.fmean(flops)
+        return entry
 
     references = [r["value"] for r in rows if r["kind"] == "reference"]
     return {
         "schema": SCHEMA_VERSION,
         "study": next((r["study"] for r in rows), None),
         "metric": next((r["metric"] for r in rows), None),
-        "summary": [{"variant": v, "keep": k, **stats(values)} for (v, k), values in sorted(groups.items())],
+        "summary": [cell(v, k, f, group) for (v, k, f), group in sorted(groups.items())],
         "reference": stats(references) if references else None,
         "step_time": [r for r in rows if r["kind"] == "step_time"],
-        "rows": sorted(grid_rows, key=lambda r: (r["variant"], -r["keep"], r["seed"])),
+        "rows": sorted(grid_rows, key=lambda r: (r["variant"], -r["keep"], -(r.get("fraction") or 0), r["seed"])),
         "references": [r for r in rows if r["kind"] == "reference"],
     }
 
 
 def markdown(result: dict) -> str:
-    keeps = sorted({s["keep"] for s in result["summary"]}, reverse=True)
-    variants = sorted({s["variant"] for s in result["summary"]})
-    cell = {(s["variant"], s["keep"]): s for s in result["summary"]}
+    by_k = [s for s in result["summary"] if "fraction" not in s]
+    keeps = sorted({s["keep"] for s in by_k}, reverse=True)
+    variants = sorted({s["variant"] for s in by_k})
+    cell = {(s["variant"], s["keep"]): s for s in by_k}
     metric = result["metric"]
     lines = [f"# {result['study']}: dev {metric} against heads kept (mean ± std over seeds)", ""]
     if result["reference"]:
@@ -688,6 +769,18 @@ def markdown(result: dict) -> str:
             s = cell.get((variant, k))
             cells.append(f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} (n={s['n']})" if s else "")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if any(variant_prunes_ffn(v) for v in variants):
+        lines += ["", f"`+ffn` variants keep heads and feed-forward blocks under one FLOP budget: in column K, the "
+                      "FLOPs of K heads alone (the heads-only rows' cost)."]
+    with_flops = sorted((s for s in result["summary"] if "flops_kept_fraction" in s),
+                        key=lambda s: (-s["flops_kept_fraction"], s["variant"]))
+    if any(variant_prunes_ffn(s["variant"]) for s in with_flops):
+        lines += ["", f"## Dev {metric} against FLOPs kept (per token at the study's flops_seq)", "",
+                  "| variant | budget | FLOPs kept | " + metric + " |", "|---|---|---|---|"]
+        for s in with_flops:
+            budget = f"f={s['fraction']:g}" if "fraction" in s else f"K={s['keep']}"
+            lines.append(f"| {s['variant']} | {budget} | {100 * s['flops_kept_fraction']:.1f}% | "
+                         f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} (n={s['n']}) |")
     for timing in result["step_time"]:
         ratios = ", ".join(f"{m} {100 * (r - 1):+.1f}%" for m, r in timing["step_ratio"].items())
         lines += ["", f"Training step vs plain fine-tuning ({timing.get('gpu') or timing['device']}, "
@@ -701,9 +794,12 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for variant in sorted({s["variant"] for s in result["summary"]}):
-        points = sorted((s["keep"], s["mean"], s["std"]) for s in result["summary"] if s["variant"] == variant)
+    with_ffn = any(variant_prunes_ffn(s["variant"]) for s in result["summary"])
+    fig, axes = plt.subplots(1, 2 if with_ffn else 1, figsize=(13 if with_ffn else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    by_k = [s for s in result["summary"] if "fraction" not in s]
+    for variant in sorted({s["variant"] for s in by_k}):
+        points = sorted((s["keep"], s["mean"], s["std"]) for s in by_k if s["variant"] == variant)
         ks, means, stds = zip(*points)
         ax.errorbar(ks, [100 * m for m in means], yerr=[100 * s for s in stds], marker="o", capsize=3, label=variant)
     if result["reference"]:
@@ -713,6 +809,21 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(result["study"] or "study")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if with_ffn:
+        flops_ax = axes[0][1]
+        for variant in sorted({s["variant"] for s in result["summary"] if "flops_kept_fraction" in s}):
+            points = sorted((s["flops_kept_fraction"], s["mean"], s["std"]) for s in result["summary"]
+                            if s["variant"] == variant and "flops_kept_fraction" in s)
+            xs, means, stds = zip(*points)
+            flops_ax.errorbar([100 * x for x in xs], [100 * m for m in means], yerr=[100 * s for s in stds], marker="o",
+                              capsize=3, label=variant, linestyle="-" if variant_prunes_ffn(variant) else ":")
+        if result["reference"]:
+            flops_ax.axhline(100 * result["reference"]["mean"], color="black", linestyle="--", label="unpruned")
+        flops_ax.set_xlabel("FLOPs per token kept (%)")
+        flops_ax.set_ylabel(f"dev {result['metric']} (%)")
+        flops_ax.set_title("heads + feed-forward blocks vs heads only, by FLOPs")
+        flops_ax.grid(alpha=0.3)
+        flops_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -48,6 +48,8 @@ class ArchitectureAdapter:
             (and any LayerNorm) outside the block, so a headless block returns the output bias alone.
         position_bias_arg: name of a ``heads_module.forward`` argument that carries a per-head bias of
             shape (batch, original heads, q, k) computed outside the layer; "" when there is none.
+        ffn_in, ffn_out: paths from a layer to the feed-forward block's two linears (hidden ->
+            intermediate, activation, intermediate -> hidden).
     """
 
     layers: str
@@ -61,6 +63,8 @@ class ArchitectureAdapter:
     all_head_size_attr: str
     layer_norm: str
     position_bias_arg: str = ""
+    ffn_in: str = "intermediate.dense"
+    ffn_out: str = "output.dense"
 
 
 _BERT_LIKE = ArchitectureAdapter(
@@ -93,6 +97,8 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
         head_count_attr="n_heads",
         all_head_size_attr="",
         layer_norm="",
+        ffn_in="ffn.lin1",
+        ffn_out="ffn.lin2",
     ),
     # MPNetAttention: LayerNorm(attn(x).o + x); the encoder passes one position bias to every layer.
     "mpnet": ArchitectureAdapter(
@@ -121,6 +127,8 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
         head_count_attr="num_attention_heads",
         all_head_size_attr="",
         layer_norm="",
+        ffn_in="mlp.fc1",
+        ffn_out="mlp.fc2",
     ),
 }
 
@@ -199,6 +207,33 @@ def attention_parts(model: nn.Module) -> list[AttentionParts]:
                 num_heads=query.out_features // dim,
             )
         )
+    return parts
+
+
+@dataclass
+class FeedForwardParts:
+    """The feed-forward block of one layer: ``output(act(input(x)))``; ``width`` intermediate neurons."""
+
+    layer: int
+    input: nn.Linear
+    output: nn.Linear
+    width: int
+
+
+def feed_forward_parts(model: nn.Module) -> list[FeedForwardParts]:
+    """The two feed-forward linears of every layer; an emptied block has ``width == 0``.
+
+    An emptied block keeps one dead neuron (zero weights in and out, see
+    :func:`pipeline.surgery.prune_ffn_`), so its width is read from the kept neurons that surgery
+    recorded in the config, not from the module shape.
+    """
+    adapter = adapter_for(model)
+    kept = getattr(model.config, "dsprune_kept_ffn", None) or {}
+    parts = []
+    for i, layer in enumerate(encoder_layers(model)):
+        inp, out = get_path(layer, adapter.ffn_in), get_path(layer, adapter.ffn_out)
+        width = len(kept[str(i)]) if str(i) in kept else inp.out_features
+        parts.append(FeedForwardParts(i, inp, out, width))
     return parts
 
 

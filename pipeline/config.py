@@ -57,6 +57,14 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class FfnPruneConfig:
+    """Feed-forward blocks selected with the heads: ``keep_fraction`` of them (a budget per kind)."""
+
+    keep_fraction: float | None = None
+    block_size: int = 64  # intermediate neurons per gate
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     """Gate training and the head budget.
 
@@ -76,6 +84,15 @@ class PruneConfig:
     temperature_start: float = 1000.0
     temperature_end: float = 1e-8
     cooldown_fraction: float = 0.5  # of the gated training steps
+    ffn: FfnPruneConfig = field(default_factory=FfnPruneConfig)
+    # One budget for heads and feed-forward blocks together: the share of the model's FLOPs per token
+    # at flops_seq tokens that may be kept. Replaces keep and ffn.keep_fraction.
+    flops_keep_fraction: float | None = None
+    flops_seq: int = 128
+
+    @property
+    def prunes_ffn(self) -> bool:
+        return self.ffn.keep_fraction is not None or self.flops_keep_fraction is not None
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,10 @@ _CHECKS = {
     ("prune", "init"): lambda v: v in ("finetuned", "pretrained") or "must be finetuned or pretrained",
     ("prune", "keep"): lambda v: v > 0 or "must be a positive number of heads",
     ("prune", "cooldown_fraction"): lambda v: 0 < v <= 1 or "must be in (0, 1]",
+    ("prune", "ffn", "keep_fraction"): lambda v: 0 < v <= 1 or "must be in (0, 1]",
+    ("prune", "ffn", "block_size"): lambda v: v > 0 or "must be a positive number of neurons",
+    ("prune", "flops_keep_fraction"): lambda v: 0 < v < 1 or "must be in (0, 1)",
+    ("prune", "flops_seq"): lambda v: v > 0 or "must be positive",
     ("model", "attn_implementation"): lambda v: v in ("eager", "sdpa") or "must be eager or sdpa",
     ("data", "max_seq_length"): lambda v: 8 <= v <= 512 or "must be in 8..512",
     ("finetune", "batch_size"): lambda v: v > 0 or "must be positive",
@@ -266,9 +287,28 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     data = read_yaml_with_overrides(path, overrides)
     errors: list[str] = []
     config = _build(RunConfig, data, "", errors)
+    if not errors:
+        errors += _cross_field_errors(config)
     if errors:
         raise ConfigError(f"{name}: " + "; ".join(errors))
     return dataclasses.replace(config, source=name)
+
+
+# pipeline.methods.FFN_METHODS, repeated here for the same reason as PRUNE_METHODS.
+FFN_METHODS = ("dsp", "ste", "random")
+
+
+def _cross_field_errors(config: RunConfig) -> list[str]:
+    """Problems that no single field shows: combinations the pipeline cannot run."""
+    pr, errors = config.prune, []
+    if pr.ffn.keep_fraction is not None and pr.flops_keep_fraction is not None:
+        errors.append(f"prune.flops_keep_fraction: {pr.flops_keep_fraction} is one budget for heads and feed-forward "
+                      f"blocks; it cannot be combined with prune.ffn.keep_fraction ({pr.ffn.keep_fraction})")
+    if pr.prunes_ffn and pr.method not in FFN_METHODS:
+        errors.append(f"prune.method: feed-forward pruning works with {', '.join(FFN_METHODS)}, got {pr.method!r}")
+    if pr.prunes_ffn and pr.per_layer:
+        errors.append("prune.per_layer: feed-forward pruning takes a global budget, got true")
+    return errors
 
 
 def config_from_dict(data: dict) -> RunConfig:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.architectures import attention_parts
+from pipeline.architectures import attention_parts, feed_forward_parts
 
 METHODS = ("dsp", "ste")
 
@@ -85,11 +85,14 @@ def gumbel_soft_top_k(logits: torch.Tensor, k: int, temperature: float, *, noise
         noise: add Gumbel noise (training); without it the relaxation is deterministic.
         generator: the CPU random source for the noise.
     """
-    gumbel = None
-    if noise:
-        u = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
-        gumbel = -torch.log(-torch.log(u.clamp_min(_EPS)))
+    gumbel = gumbel_noise(logits.shape, generator) if noise else None
     return _SoftTopK.apply(logits, gumbel, k, temperature)
+
+
+def gumbel_noise(shape, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard Gumbel samples in float64 on the CPU."""
+    u = torch.rand(shape, dtype=torch.float64, generator=generator)
+    return -torch.log(-torch.log(u.clamp_min(_EPS)))
 
 
 class _SoftTopK(torch.autograd.Function):
@@ -165,6 +168,18 @@ def harden(logits: torch.Tensor, keep: int, *, per_layer: bool = False) -> torch
     return top_k_mask(logits, keep).bool()
 
 
+def budget_prefix(scores: torch.Tensor, costs: torch.Tensor, budget: float) -> int:
+    """How many units, taken in descending ``scores`` order, fit in ``budget`` before the first that does not.
+
+    The mask of a cost budget is then the top-k of the scores with this k: the selection is a prefix
+    of one ranking, as with a count budget, and its cost is at most ``budget`` and within one unit's
+    cost of it. Ties go to the lower index, as in :func:`top_k_mask`.
+    """
+    order = torch.sort(scores.detach().flatten(), descending=True, stable=True).indices
+    spent = torch.cumsum(costs.detach().flatten().to(torch.float64)[order.cpu()], 0)
+    return int((spent <= budget * (1 + 1e-12)).sum())
+
+
 def kept_heads_from_mask(mask: torch.Tensor) -> dict[int, list[int]]:
     """{layer: [kept head indices]} from a (layers, heads) 0/1 mask."""
     return {layer: torch.nonzero(row).flatten().tolist() for layer, row in enumerate(mask.bool())}
@@ -182,11 +197,14 @@ class HeadGates(nn.Module):
         super().__init__()
         if config.keep > num_layers * num_heads:
             raise ValueError(f"keep={config.keep} exceeds the model's {num_layers * num_heads} heads")
+        self._init_logits(num_layers, num_heads, config, seed)
+
+    def _init_logits(self, rows: int, columns: int, config: GateConfig, seed: int) -> None:
         self.config = config
-        self.logits = nn.Parameter(torch.empty(num_layers, num_heads, dtype=torch.float64))
+        self.logits = nn.Parameter(torch.empty(rows, columns, dtype=torch.float64))
         init = torch.Generator().manual_seed(seed)
         # Xavier-uniform, as the paper's code initialises its logits.
-        bound = math.sqrt(6.0 / (num_layers + num_heads))
+        bound = math.sqrt(6.0 / (rows + columns))
         with torch.no_grad():
             self.logits.uniform_(-bound, bound, generator=init)
         self.step = 0
@@ -217,6 +235,72 @@ class HeadGates(nn.Module):
 
     def hardened(self) -> torch.Tensor:
         return harden(self.logits.detach(), self.config.keep, per_layer=self.config.per_layer)
+
+
+class UnitGates(HeadGates):
+    """Gates over attention heads and feed-forward neuron blocks: logits (layers, heads + blocks).
+
+    Row ``l`` holds layer ``l``'s head logits, then its block logits (a block is ``block_size``
+    consecutive intermediate neurons). Two budgets:
+
+    - per kind: exactly ``config.keep`` heads and ``ffn_keep`` blocks, each a Gumbel-soft-top-K
+      (or straight-through top-K) over its own logits;
+    - joint, in FLOPs: ``costs`` (FLOPs per token of each unit, same shape as the logits) and
+      ``budget`` (FLOPs that may be kept). Each step takes the noisy scores ``r = logits + Gumbel``,
+      counts how many units of ``r``'s ranking fit in the budget (:func:`budget_prefix`) and draws
+      a relaxed subset of exactly that many; hardening keeps the prefix of the logits' ranking that
+      fits. Heads and blocks then compete for the same FLOPs, and layers may lose both entirely.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, num_blocks: int, config: GateConfig, *,
+                 ffn_keep: int | None = None, costs: torch.Tensor | None = None, budget: float | None = None,
+                 seed: int = 0):
+        nn.Module.__init__(self)
+        if (ffn_keep is None) == (budget is None):
+            raise ValueError("give either ffn_keep (a budget per kind) or costs and budget (one FLOP budget)")
+        if config.per_layer:
+            raise ValueError("feed-forward gates take a global budget, not per_layer")
+        if ffn_keep is not None and not (config.keep <= num_layers * num_heads and 0 < ffn_keep <= num_layers * num_blocks):
+            raise ValueError(f"budget of {config.keep} heads and {ffn_keep} blocks does not fit "
+                             f"{num_layers * num_heads} heads and {num_layers * num_blocks} blocks")
+        if budget is not None and (costs is None or tuple(costs.shape) != (num_layers, num_heads + num_blocks)):
+            raise ValueError(f"costs must have shape ({num_layers}, {num_heads + num_blocks})")
+        self._init_logits(num_layers, num_heads + num_blocks, config, seed)
+        self.num_heads, self.num_blocks = num_heads, num_blocks
+        self.ffn_keep, self.budget = ffn_keep, budget
+        self.register_buffer("costs", costs.to(torch.float64) if costs is not None else None)
+
+    def _split(self, mask_heads: torch.Tensor, mask_blocks: torch.Tensor) -> torch.Tensor:
+        return torch.cat([mask_heads.view(-1, self.num_heads), mask_blocks.view(-1, self.num_blocks)], 1)
+
+    def compute_mask(self) -> torch.Tensor:
+        cfg = self.config
+        if not self.training:
+            return self.hardened().to(torch.float64)
+        heads, blocks = self.logits[:, :self.num_heads], self.logits[:, self.num_heads:]
+        if self.budget is None:
+            if cfg.method == "ste":
+                return self._split(_StraightThroughTopK.apply(heads.flatten(), cfg.keep),
+                                   _StraightThroughTopK.apply(blocks.flatten(), self.ffn_keep))
+            return self._split(
+                gumbel_soft_top_k(heads.flatten(), cfg.keep, self.temperature, generator=self.noise_generator),
+                gumbel_soft_top_k(blocks.flatten(), self.ffn_keep, self.temperature, generator=self.noise_generator),
+            )
+        flat = self.logits.flatten()
+        if cfg.method == "ste":
+            k = budget_prefix(flat, self.costs, self.budget)
+            return _StraightThroughTopK.apply(flat, k).view_as(self.logits)
+        gumbel = gumbel_noise(flat.shape, self.noise_generator)
+        k = budget_prefix(flat.detach().cpu() + gumbel, self.costs.cpu(), self.budget)
+        return _SoftTopK.apply(flat, gumbel, k, self.temperature).view_as(self.logits)
+
+    def hardened(self) -> torch.Tensor:
+        """(layers, heads + blocks) bool: the kept heads, then the kept blocks, of every layer."""
+        logits = self.logits.detach()
+        if self.budget is None:
+            return self._split(harden(logits[:, :self.num_heads], self.config.keep),
+                               harden(logits[:, self.num_heads:], self.ffn_keep))
+        return top_k_mask(logits, budget_prefix(logits, self.costs, self.budget)).bool()
 
 
 def scale_heads_hook(mask_row, head_dim):
@@ -258,14 +342,90 @@ def add_head_gates_(model: nn.Module, config: GateConfig, seed: int = 0) -> Head
     return gates
 
 
-def add_fixed_mask_(model: nn.Module, mask: torch.Tensor) -> list:
-    """Scale heads by a fixed (layers, heads) mask; returns hook handles (``handle.remove()`` undoes it)."""
+def flops_budget(model: nn.Module, block_size: int, keep_fraction: float, seq: int = 128) -> tuple[torch.Tensor, float]:
+    """Unit costs (layers, heads + blocks) and the FLOPs of them that may be kept.
+
+    The kept units plus everything no gate covers (embeddings' projections, pooler, task head) cost at
+    most ``keep_fraction`` of the unpruned model's FLOPs per token at ``seq``.
+    """
+    from pipeline.surgery import flops_per_token, unit_flops
+
+    head_costs, block_costs = unit_flops(model, block_size, seq)
+    costs = torch.cat([head_costs, block_costs], 1)
+    total = flops_per_token(model, seq)
+    budget = float(costs.sum()) - (1 - keep_fraction) * total
+    if not 0 < keep_fraction <= 1 or budget < 0:
+        raise ValueError(f"flops_keep_fraction {keep_fraction} is outside ({1 - float(costs.sum()) / total:.3f}, 1]: "
+                         "the rest of the FLOPs is not in any head or feed-forward block")
+    return costs, budget
+
+
+def add_unit_gates_(model: nn.Module, config: GateConfig, *, block_size: int, ffn_keep: int | None = None,
+                    flops_keep_fraction: float | None = None, seq: int = 128, seed: int = 0) -> UnitGates:
+    """Install gates over heads and feed-forward blocks as ``model.head_gates`` and return them.
+
+    Args:
+        config: the DSP/STE schedule; ``config.keep`` is the head budget when ``ffn_keep`` is given.
+        block_size: intermediate neurons per feed-forward gate; must divide the intermediate size.
+        ffn_keep: blocks kept (a budget per kind), or None with ``flops_keep_fraction``.
+        flops_keep_fraction: one budget: the share of the model's FLOPs per token at ``seq`` that the
+            kept heads and blocks (plus everything not gated) may cost.
+    """
+    if hasattr(model, "head_gates"):
+        raise ValueError("model already has head gates")
+    parts, ffn = attention_parts(model), feed_forward_parts(model)
+    heads = {p.num_heads for p in parts}
+    widths = {p.width for p in ffn}
+    if len(heads) != 1 or 0 in heads or len(widths) != 1:
+        raise ValueError("gates need an unpruned model with equal heads and feed-forward widths per layer")
+    width = widths.pop()
+    if block_size <= 0 or width % block_size:
+        raise ValueError(f"block_size {block_size} does not divide the feed-forward width {width}")
+    costs = budget = None
+    if flops_keep_fraction is not None:
+        costs, budget = flops_budget(model, block_size, flops_keep_fraction, seq)
+    device = next(model.parameters()).device
+    gates = UnitGates(len(parts), heads.pop(), width // block_size, config, ffn_keep=ffn_keep, costs=costs,
+                      budget=budget, seed=seed).to(device)
+    model.head_gates = gates
+
+    def refresh(module, args, kwargs):
+        gates.mask = gates.compute_mask()
+
+    gates._hooks.append(model.register_forward_pre_hook(refresh, with_kwargs=True))
+    h = gates.num_heads
+    for p in parts:
+        row = (lambda layer: (lambda: gates.mask[layer, :h]))(p.layer)
+        gates._hooks.append(p.output.register_forward_pre_hook(scale_heads_hook(row, p.head_dim)))
+    for p in ffn:
+        row = (lambda layer: (lambda: gates.mask[layer, h:]))(p.layer)
+        gates._hooks.append(p.output.register_forward_pre_hook(scale_heads_hook(row, block_size)))
+    return gates
+
+
+def add_fixed_mask_(model: nn.Module, mask: torch.Tensor, ffn_mask: torch.Tensor | None = None) -> list:
+    """Scale heads by a fixed (layers, heads) mask, and feed-forward blocks by a (layers, blocks) one.
+
+    Returns hook handles (``handle.remove()`` undoes it). A block is ``width // blocks`` neurons.
+    """
     handles = []
     mask = mask.detach().to(torch.float64)
     for p in attention_parts(model):
         row = (lambda layer: (lambda: mask[layer]))(p.layer)
         handles.append(p.output.register_forward_pre_hook(scale_heads_hook(row, p.head_dim)))
+    if ffn_mask is not None:
+        ffn_mask = ffn_mask.detach().to(torch.float64)
+        for p in feed_forward_parts(model):
+            row = (lambda layer: (lambda: ffn_mask[layer]))(p.layer)
+            block = p.width // ffn_mask.shape[1]
+            handles.append(p.output.register_forward_pre_hook(scale_heads_hook(row, block)))
     return handles
+
+
+def kept_neurons_from_mask(ffn_mask: torch.Tensor, block_size: int) -> dict[int, list[int]]:
+    """{layer: [kept neuron indices]} from a (layers, blocks) 0/1 block mask."""
+    return {layer: [b * block_size + i for b in torch.nonzero(row).flatten().tolist() for i in range(block_size)]
+            for layer, row in enumerate(ffn_mask.bool())}
 
 
 def remove_head_gates_(model: nn.Module) -> HeadGates:

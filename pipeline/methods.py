@@ -28,7 +28,18 @@ import torch
 from torch import nn
 
 from pipeline.architectures import attention_parts
-from pipeline.gates import GateConfig, scale_heads_hook, add_head_gates_, harden, remove_head_gates_, top_k_mask
+from pipeline.architectures import feed_forward_parts
+from pipeline.gates import (
+    GateConfig,
+    add_head_gates_,
+    add_unit_gates_,
+    budget_prefix,
+    flops_budget,
+    harden,
+    remove_head_gates_,
+    scale_heads_hook,
+    top_k_mask,
+)
 
 TRAINED_METHODS = ("dsp", "ste", "hardconcrete")
 SCORED_METHODS = ("michel", "michel-iterative", "random")
@@ -301,35 +312,86 @@ def random_mask(layers: int, heads: int, keep: int, seed: int, per_layer: bool =
     return flat.view(layers, heads)
 
 
+def _random_units(model: nn.Module, keep: int, ffn: FfnBudget, seed: int) -> "Selection":
+    """A seeded random subset of heads and feed-forward blocks under ``ffn``'s budget."""
+    layers, heads = _model_shape(model)
+    blocks = feed_forward_parts(model)[0].width // ffn.block_size
+    if ffn.keep_blocks is not None:
+        mask = torch.cat([random_mask(layers, heads, keep, seed),
+                          random_mask(layers, blocks, ffn.keep_blocks, seed + 1)], 1)
+    else:
+        costs, budget = flops_budget(model, ffn.block_size, ffn.flops_keep_fraction, ffn.seq)
+        scores = torch.rand(costs.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        mask = top_k_mask(scores, budget_prefix(scores, costs, budget)).bool()
+    info = {"ffn": {"block_size": ffn.block_size, "keep_blocks": int(mask[:, heads:].sum()),
+                    "flops_keep_fraction": ffn.flops_keep_fraction}}
+    return Selection(mask[:, :heads], None, info, mask[:, heads:], None)
+
+
 # --------------------------------------------------------------------------- one entry point
+
+
+@dataclass(frozen=True)
+class FfnBudget:
+    """Feed-forward blocks selected alongside the heads (methods ``FFN_METHODS`` only).
+
+    Attributes:
+        block_size: intermediate neurons per gate.
+        keep_blocks: blocks kept over the whole model, with ``keep`` heads (a budget per kind); or
+        flops_keep_fraction: one budget for heads and blocks together, as a share of the model's FLOPs
+            per token at ``seq`` (``keep`` is then unused: the budget decides how many heads stay).
+    """
+
+    block_size: int = 64
+    keep_blocks: int | None = None
+    flops_keep_fraction: float | None = None
+    seq: int = 128
+
+    def __post_init__(self):
+        if (self.keep_blocks is None) == (self.flops_keep_fraction is None):
+            raise ValueError("FfnBudget needs keep_blocks or flops_keep_fraction, not both")
+
+
+FFN_METHODS = ("dsp", "ste", "random")
 
 
 @dataclass
 class Selection:
-    """The heads a method kept, and what it learned or measured on the way.
+    """The heads (and feed-forward blocks) a method kept, and what it learned or measured on the way.
 
     Attributes:
         mask: (layers, heads) bool, exactly K True (K / layers per layer with a per-layer budget).
         scores: the ranking the mask was taken from (gate logits, open probabilities or importance);
             None for random.
         info: method-specific numbers, e.g. ``penalty_keeps`` for hardconcrete.
+        ffn_mask, ffn_scores: (layers, blocks) kept feed-forward blocks and their ranking, when an
+            :class:`FfnBudget` was given.
     """
 
     mask: torch.Tensor
     scores: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    ffn_mask: torch.Tensor | None = None
+    ffn_scores: torch.Tensor | None = None
 
     def heads_per_layer(self) -> list[int]:
         return self.mask.sum(1).tolist()
 
 
 def add_method_gates_(model: nn.Module, method: str, keep: int, *, per_layer: bool = False, seed: int = 0,
-                      **options):
+                      ffn: FfnBudget | None = None, **options):
     """Install the training gates of ``method`` (dsp, ste or hardconcrete) as ``model.head_gates``.
 
     ``options`` are fields of the method's config (``GateConfig`` for dsp/ste, e.g. ``cooldown_steps``;
-    ``HardConcreteConfig`` for hardconcrete, e.g. ``penalty``).
+    ``HardConcreteConfig`` for hardconcrete, e.g. ``penalty``). With ``ffn`` (dsp, ste) the gates
+    cover feed-forward blocks too (:class:`pipeline.gates.UnitGates`).
     """
+    if ffn is not None:
+        if method not in ("dsp", "ste"):
+            raise ValueError(f"method {method!r} selects heads only; feed-forward blocks: {', '.join(FFN_METHODS)}")
+        return add_unit_gates_(model, GateConfig(keep=keep, method=method, per_layer=per_layer, **options),
+                               block_size=ffn.block_size, ffn_keep=ffn.keep_blocks,
+                               flops_keep_fraction=ffn.flops_keep_fraction, seq=ffn.seq, seed=seed)
     if method in ("dsp", "ste"):
         return add_head_gates_(model, GateConfig(keep=keep, method=method, per_layer=per_layer, **options), seed=seed)
     if method == "hardconcrete":
@@ -340,7 +402,7 @@ def add_method_gates_(model: nn.Module, method: str, keep: int, *, per_layer: bo
 def select_heads(method: str, model: nn.Module, keep: int, *, per_layer: bool = False, seed: int = 0,
                  train_gates: Callable[[nn.Module, nn.Module], object] | None = None,
                  batches_fn: Callable[[int], Iterable[dict]] | None = None,
-                 step_fraction: float = 0.1, **options) -> Selection:
+                 step_fraction: float = 0.1, ffn: FfnBudget | None = None, **options) -> Selection:
     """Choose exactly ``keep`` heads of ``model`` by ``method``.
 
     Args:
@@ -354,6 +416,7 @@ def select_heads(method: str, model: nn.Module, keep: int, *, per_layer: bool = 
             joint (weights and gates in the optimizer) or pipelined (weights frozen) training.
         batches_fn: for michel, returns the training batches of an importance-estimation round.
         step_fraction: michel-iterative's share of heads removed per round.
+        ffn: select feed-forward blocks too (``FFN_METHODS``; global budgets only).
         options: fields of the trained method's gate config.
 
     Returns:
@@ -363,15 +426,27 @@ def select_heads(method: str, model: nn.Module, keep: int, *, per_layer: bool = 
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     layers, heads = _model_shape(model)
     check_budget(layers, heads, keep, per_layer)
+    if ffn is not None:
+        if method not in FFN_METHODS or per_layer:
+            raise ValueError(f"feed-forward blocks are selected by {', '.join(FFN_METHODS)} with a global budget, "
+                             f"not {method!r}{' per layer' if per_layer else ''}")
+        if method == "random":
+            return _random_units(model, keep, ffn, seed)
     if method in TRAINED_METHODS:
         if train_gates is None:
             raise ValueError(f"method {method!r} trains gates: pass train_gates")
-        gates = add_method_gates_(model, method, keep, per_layer=per_layer, seed=seed, **options)
+        gates = add_method_gates_(model, method, keep, per_layer=per_layer, seed=seed, ffn=ffn, **options)
         try:
             train_gates(model, gates)
         finally:
             remove_head_gates_(model)
         info = {"gate_config": gates.config.to_dict()}
+        if ffn is not None:
+            mask, logits = gates.hardened().cpu(), gates.logits.detach().cpu()
+            info["final_temperature"] = gates.temperature
+            info["ffn"] = {"block_size": ffn.block_size, "keep_blocks": int(mask[:, heads:].sum()),
+                           "flops_keep_fraction": ffn.flops_keep_fraction}
+            return Selection(mask[:, :heads], logits[:, :heads], info, mask[:, heads:], logits[:, heads:])
         if method == "hardconcrete":
             info["penalty_keeps"] = gates.penalty_keeps()
             scores = gates.open_probability().detach().cpu()

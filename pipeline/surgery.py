@@ -15,13 +15,15 @@ from pipeline.architectures import (
     adapter_for,
     attention_parts,
     encoder_layers,
+    feed_forward_parts,
     get_path,
     select_position_bias_heads_,
     set_path,
 )
 
-# The key under which a pruned checkpoint's config.json records its kept heads.
+# The keys under which a pruned checkpoint's config.json records its kept heads and feed-forward neurons.
 KEPT_HEADS_KEY = "dsprune_kept_heads"
+KEPT_FFN_KEY = "dsprune_kept_ffn"
 
 
 class CheckpointError(ValueError):
@@ -84,6 +86,57 @@ def prune_heads_(model: nn.Module, kept_heads: dict[int, list[int]]) -> nn.Modul
             select_position_bias_heads_(heads_module, adapter.position_bias_arg, previous[part.layer])
     setattr(model.config, KEPT_HEADS_KEY, {str(k): v for k, v in sorted(previous.items())})
     return model
+
+
+def prune_ffn_(model: nn.Module, kept_neurons: dict[int, list[int]]) -> nn.Module:
+    """Remove every feed-forward intermediate neuron not listed in ``kept_neurons``, in place.
+
+    Slices the rows of each layer's first feed-forward linear and the columns of its second. A layer
+    left with no neurons keeps one dead neuron (zero weights and bias in, zero weights out): its block
+    then returns the second linear's bias whatever the activation, exactly what the masked model
+    computes, with no zero-width tensors (exported ONNX graphs reject them). A layer with no heads and
+    no neurons does no matrix products at all; its LayerNorms and biases stay, because a post-LN layer
+    without them is not the identity the masked model computes. Neuron indices refer to the layer's
+    current neurons; the kept neurons, in original numbering, are recorded in ``model.config``.
+
+    Args:
+        model: a model of a supported family.
+        kept_neurons: {layer index: neuron indices to keep}; layers not listed keep all their neurons.
+    """
+    adapter = adapter_for(model)
+    layers = encoder_layers(model)
+    previous = current_kept_ffn(model)
+    for part in feed_forward_parts(model):
+        keep = sorted(set(int(n) for n in kept_neurons.get(part.layer, kept_neurons.get(str(part.layer), range(part.width)))))
+        if any(n < 0 or n >= part.width for n in keep):
+            raise ValueError(f"layer {part.layer}: feed-forward neurons outside 0..{part.width - 1}")
+        if len(keep) == part.width:
+            continue
+        previous[part.layer] = [previous[part.layer][n] for n in keep]
+        layer = layers[part.layer]
+        if keep:
+            index = torch.tensor(keep, device=part.input.weight.device)
+            set_path(layer, adapter.ffn_in, _slice_linear(part.input, index, 0))
+            set_path(layer, adapter.ffn_out, _slice_linear(part.output, index, 1))
+            continue
+        dead = torch.zeros(1, dtype=torch.long, device=part.input.weight.device)
+        first, second = _slice_linear(part.input, dead, 0), _slice_linear(part.output, dead, 1)
+        with torch.no_grad():
+            first.weight.zero_()
+            first.bias.zero_()
+            second.weight.zero_()
+        set_path(layer, adapter.ffn_in, first)
+        set_path(layer, adapter.ffn_out, second)
+    setattr(model.config, KEPT_FFN_KEY, {str(k): v for k, v in sorted(previous.items())})
+    return model
+
+
+def current_kept_ffn(model: nn.Module) -> dict[int, list[int]]:
+    """Kept feed-forward neurons per layer in original numbering (all of them for an unpruned model)."""
+    recorded = getattr(model.config, KEPT_FFN_KEY, None)
+    if recorded:
+        return {int(k): list(v) for k, v in recorded.items()}
+    return {p.layer: list(range(p.width)) for p in feed_forward_parts(model)}
 
 
 def current_kept_heads(model: nn.Module) -> dict[int, list[int]]:
@@ -196,6 +249,10 @@ def load_pruned(path, *, attn_implementation: str | None = None, model_class=Non
     if kept:
         setattr(model.config, KEPT_HEADS_KEY, None)
         prune_heads_(model, {int(k): v for k, v in kept.items()})
+    kept_ffn = getattr(config, KEPT_FFN_KEY, None)
+    if kept_ffn:
+        setattr(model.config, KEPT_FFN_KEY, None)
+        prune_ffn_(model, {int(k): v for k, v in kept_ffn.items()})
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as err:
@@ -219,8 +276,11 @@ def _check_shapes(model, state, path) -> None:
     for key, tensor in state.items():
         if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
             layer = next((p for p in key.split(".") if p.isdigit()), "?")
+            adapter = adapter_for(model)
+            ffn = any(f".{layer}.{p}." in key for p in (adapter.ffn_in, adapter.ffn_out))
+            field = KEPT_FFN_KEY if ffn else KEPT_HEADS_KEY
             raise CheckpointError(
-                f"{path / 'config.json'}: {KEPT_HEADS_KEY} for layer {layer} gives {key} shape "
+                f"{path / 'config.json'}: {field} for layer {layer} gives {key} shape "
                 f"{tuple(expected[key].shape)}, but the weights have {tuple(tensor.shape)}"
             )
 
@@ -257,7 +317,8 @@ def flops_per_token(model: nn.Module, seq: int | None = None) -> int:
     Counts every ``nn.Linear`` of the base model but its pooler (encoder layers, and ELECTRA's
     per-token embedding projection) from its actual shape, plus the attention score and weighted-sum
     products (2 * seq * kept_heads * head_dim MACs per token per layer). Embedding lookups,
-    LayerNorm, softmax, activations and MPNet's relative-position-bias additions are ignored (a few
+    LayerNorm, softmax, activations, the dead neuron of an emptied feed-forward block and MPNet's
+    relative-position-bias additions are ignored (a few
     percent at most). The pooler and the task head run once per sequence (they read [CLS]), and so
     does ViT's patch convolution over the whole image; those are divided by ``seq``.
 
@@ -271,10 +332,12 @@ def flops_per_token(model: nn.Module, seq: int | None = None) -> int:
     pooler = getattr(model.base_model, "pooler", None)
     pooled = {id(m) for m in pooler.modules()} if pooler is not None else set()
     per_token_ids = {id(m) for m in model.base_model.modules() if id(m) not in pooled}
+    # An emptied feed-forward block keeps one dead neuron whose output is a constant: no work counted.
+    dead = {id(m) for p in feed_forward_parts(model) if p.width == 0 for m in (p.input, p.output)}
     total = 0
     per_sequence = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and id(module) not in dead:
             macs = module.in_features * module.out_features
             if id(module) in per_token_ids:
                 total += 2 * macs
@@ -285,3 +348,23 @@ def flops_per_token(model: nn.Module, seq: int | None = None) -> int:
     for part in attention_parts(model):
         total += 2 * 2 * seq * part.num_heads * part.head_dim
     return total + per_sequence // seq
+
+
+def unit_flops(model: nn.Module, block_size: int, seq: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLOPs per token of each head and each feed-forward block of an unpruned model, as
+    :func:`flops_per_token` counts them: removing a unit saves exactly its cost (biases aside).
+
+    A head costs its q/k/v rows and output-projection columns plus its attention scores and weighted
+    sum (2 * seq * head_dim MACs); a block of ``block_size`` neurons its rows of the first feed-forward
+    linear and columns of the second.
+
+    Returns:
+        (layers, heads) and (layers, width // block_size) float64 tensors.
+    """
+    seq = seq or default_sequence_length(model)
+    heads = torch.tensor([[2.0 * ((p.query.in_features + p.key.in_features + p.value.in_features) * p.head_dim
+                                  + p.head_dim * p.output.out_features + 2 * seq * p.head_dim)] * p.num_heads
+                          for p in attention_parts(model)], dtype=torch.float64)
+    blocks = torch.tensor([[2.0 * block_size * (p.input.in_features + p.output.out_features)] * (p.width // block_size)
+                           for p in feed_forward_parts(model)], dtype=torch.float64)
+    return heads, blocks

@@ -113,3 +113,25 @@ def test_bad_study_config_is_one_error_line(tmp_path, capsys):
     assert main(["-c", str(path)]) == 2
     err = capsys.readouterr().err
     assert "bogus: unknown key" in err and "needs :joint or :pipelined" in err and err.count("\n") == 1
+
+
+def test_heads_and_blocks_rows_match_the_flops_of_heads_only_rows(study_setup):
+    root, config_path = study_setup
+    config = load_study_config(config_path, ["variants=[dsp+ffn:pipelined, random+ffn, random]", "keeps=[4]",
+                                             "flops_fractions=[0.5]", "ffn_block_size=32", "timing.methods=[]"])
+    assert sorted(j.key for j in grid(config)) == sorted([
+        "dsp+ffn:pipelined|k=4|seed=0", "random+ffn|k=4|seed=0", "random|k=4|seed=0",
+        "dsp+ffn:pipelined|f=0.5|seed=0", "random+ffn|f=0.5|seed=0"])
+    out = root / "ffn-run"
+    run_study(config, out, log=lambda _: None)
+    rows = {r["key"]: r for r in read_rows([out]) if r["kind"] == "row"}
+    heads_only = rows["random|k=4|seed=0"]["flops_kept_fraction"]
+    for variant in ("dsp+ffn:pipelined", "random+ffn"):
+        matched, half = rows[f"{variant}|k=4|seed=0"], rows[f"{variant}|f=0.5|seed=0"]
+        assert matched["flops_kept_fraction"] <= heads_only + 1e-9  # the same FLOPs as 4 heads alone, at most
+        assert half["flops_kept_fraction"] <= 0.5 and half["flops_budget"] == 0.5
+        assert sum(half["ffn_blocks_per_layer"]) < 2 * 4  # blocks were removed too
+    results = root / "ffn-results"
+    merge([out], results)
+    table = (results / "study-tiny.md").read_text()
+    assert "against FLOPs kept" in table and "| random+ffn | f=0.5 |" in table

@@ -16,7 +16,8 @@ import torch
 from pipeline import data
 from pipeline.config import RunConfig
 from pipeline.evaluation import evaluate_torch, load_task_data
-from pipeline.methods import SCORED_METHODS, select_heads
+from pipeline.architectures import feed_forward_parts
+from pipeline.methods import SCORED_METHODS, FfnBudget, select_heads
 from pipeline.models import load_classifier, load_tokenizer
 from pipeline.run import write_json_atomic
 from pipeline.surgery import save_pruned
@@ -85,8 +86,19 @@ def _select_heads(model, encoded, cfg: RunConfig):
                 p.requires_grad_(True)
 
     selection = select_heads(pr.method, model, pr.keep, per_layer=pr.per_layer, seed=cfg.seed,
-                             train_gates=train_gates, batches_fn=batches, **options)
+                             train_gates=train_gates, batches_fn=batches, ffn=ffn_budget(cfg, model), **options)
     return selection, trained.get("run")
+
+
+def ffn_budget(cfg: RunConfig, model) -> FfnBudget | None:
+    """The feed-forward budget the config asks for, in blocks of ``model``; None for heads only."""
+    pr = cfg.prune
+    if pr.flops_keep_fraction is not None:
+        return FfnBudget(pr.ffn.block_size, flops_keep_fraction=pr.flops_keep_fraction, seq=pr.flops_seq)
+    if pr.ffn.keep_fraction is None:
+        return None
+    blocks = sum(p.width for p in feed_forward_parts(model)) // pr.ffn.block_size
+    return FfnBudget(pr.ffn.block_size, keep_blocks=max(1, round(pr.ffn.keep_fraction * blocks)), seq=pr.flops_seq)
 
 
 def check_model_fits(cfg: RunConfig) -> None:
@@ -103,6 +115,10 @@ def check_model_fits(cfg: RunConfig) -> None:
         raise ValueError(f"prune.keep: {cfg.prune.keep} exceeds the model's {layers * heads} heads ({layers} x {heads})")
     if cfg.prune.per_layer and cfg.prune.keep % layers:
         raise ValueError(f"prune.keep: {cfg.prune.keep} heads cannot be split evenly over {layers} layers (prune.per_layer)")
+    width = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None)
+    if cfg.prune.prunes_ffn and width and width % cfg.prune.ffn.block_size:
+        raise ValueError(f"prune.ffn.block_size: {cfg.prune.ffn.block_size} does not divide the model's "
+                         f"feed-forward width {width}")
     limit = getattr(config, "max_position_embeddings", None)
     for field, value in (("data.max_seq_length", cfg.data.max_seq_length), ("bench.seqs", max(cfg.bench.seqs))):
         if limit is not None and value > limit:
@@ -136,12 +152,20 @@ def run(cfg: RunConfig, run_dir, out):
     ranking = selection.mask.double() * 1e6
     if selection.scores is not None:
         ranking = ranking + selection.scores.double().clamp(-1e5, 1e5)
-    write_json_atomic(out / "gates.json", {
+    gates_info = {
         "logits": ranking.tolist(),
         "method": cfg.prune.method,
         "info": selection.info,
         "steps": gated_run.steps if gated_run else 0,
-    })
+    }
+    if selection.ffn_mask is not None:
+        ffn_ranking = selection.ffn_mask.double() * 1e6
+        if selection.ffn_scores is not None:
+            ffn_ranking = ffn_ranking + selection.ffn_scores.double().clamp(-1e5, 1e5)
+        gates_info["heads_kept"] = int(selection.mask.sum())
+        gates_info["ffn"] = {"block_size": cfg.prune.ffn.block_size, "blocks_kept": int(selection.ffn_mask.sum()),
+                             "logits": ffn_ranking.tolist()}
+    write_json_atomic(out / "gates.json", gates_info)
     metrics = {
         "task": task_data.task.name,
         "metric": task_data.task.primary_metric,

@@ -85,6 +85,15 @@ def build_report(cfg: RunConfig, run_dir: Path) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": cfg.seed,
     }
+    if "ffn" in mask:
+        report["model"]["ffn"] = {
+            "block_size": mask["ffn"]["block_size"],
+            "neurons_total": len(mask["ffn"]["mask"]) * len(mask["ffn"]["mask"][0]) * mask["ffn"]["block_size"],
+            "neurons_kept_per_layer": pruned["ffn_neurons_kept"],
+            "layers_without_matmuls": pruned["layers_without_matmuls"],
+            "flops_kept_fraction": pruned["flops_kept_fraction"]["fraction"],
+            "flops_seq": pruned["flops_kept_fraction"]["seq"],
+        }
     report["speedups"] = speedups(report)
     report["pruning_speedups"] = pruning_speedups(variants, pruned["flops_per_token"])
     report["gates"] = evaluate_gates(cfg, report)
