@@ -303,17 +303,66 @@ class UnitGates(HeadGates):
         return top_k_mask(logits, budget_prefix(logits, self.costs, self.budget)).bool()
 
 
-def scale_heads_hook(mask_row, head_dim):
-    """A forward pre-hook scaling each head's slice of the output projection input by ``mask_row()``."""
+def install_mask_hooks_(model: nn.Module, current_mask, *, block_size: int | None = None, refresh=None) -> list:
+    """Scale each head's slice of every attention output projection's input by ``current_mask()``
+    and, with ``block_size``, each feed-forward block's slice of every second feed-forward linear's input.
 
-    def hook(module, args):
-        hidden = args[0]
-        scale = mask_row().to(hidden.device, hidden.dtype)
-        # Views only: repeat_interleave would size its output on the host, a GPU sync per layer.
-        per_head = hidden.unflatten(-1, (scale.numel(), head_dim)) * scale.unsqueeze(-1)
-        return (per_head.flatten(-2),) + tuple(args[1:])
+    Args:
+        current_mask: returns the (layers, heads) mask, or (layers, heads + blocks) with ``block_size``.
+        refresh: called at the start of every forward of the base model, before the mask is read
+            (gates draw their mask there).
 
-    return hook
+    Each forward expands the mask into per-feature scales once per dtype and device (one copy and
+    one cast for all layers); each layer then does one multiply. On a GPU every op is a kernel
+    launch paid on the Python side, so per-layer slicing and casting would show in the step time.
+
+    Returns:
+        Hook handles; ``handle.remove()`` on each undoes it.
+    """
+    parts = attention_parts(model)
+    heads, head_dim = parts[0].num_heads, parts[0].head_dim
+    ffn = feed_forward_parts(model) if block_size else []
+    cache: dict = {}
+
+    def start_forward(module, args, kwargs):
+        if refresh is not None:
+            refresh()
+        cache.clear()
+
+    def scales(dtype, device):
+        if (dtype, device) not in cache:
+            mask = current_mask().to(device, dtype)
+            layers = mask.shape[0]
+            rows = [mask[:, :heads, None].expand(layers, heads, head_dim).reshape(layers, -1).unbind(0)]
+            if ffn:
+                blocks = mask.shape[1] - heads
+                rows.append(mask[:, heads:, None].expand(layers, blocks, block_size).reshape(layers, -1).unbind(0))
+            cache[(dtype, device)] = rows
+        return cache[(dtype, device)]
+
+    def scale_input(kind: int, layer: int):
+        def hook(module, args):
+            hidden = args[0]
+            return (hidden * scales(hidden.dtype, hidden.device)[kind][layer],) + tuple(args[1:])
+
+        return hook
+
+    handles = [model.base_model.register_forward_pre_hook(start_forward, with_kwargs=True)]
+    handles += [p.output.register_forward_pre_hook(scale_input(0, p.layer)) for p in parts]
+    handles += [p.output.register_forward_pre_hook(scale_input(1, p.layer)) for p in ffn]
+    return handles
+
+
+def gate_device(model: nn.Module) -> torch.device:
+    """Where gates live: on the CPU beside a CUDA model, unless torch.distributed runs.
+
+    DSP's soft top-K runs in NumPy on the CPU anyway; gates on the CPU spare the GPU a
+    device-to-host copy (a synchronization) per forward and a few dozen kernel launches per step.
+    A distributed run keeps them on the model's device, where its collectives all-reduce them.
+    """
+    device = next(model.parameters()).device
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.device("cpu") if device.type == "cuda" and not distributed else device
 
 
 def add_head_gates_(model: nn.Module, config: GateConfig, seed: int = 0) -> HeadGates:
@@ -328,17 +377,13 @@ def add_head_gates_(model: nn.Module, config: GateConfig, seed: int = 0) -> Head
     heads = {p.num_heads for p in parts}
     if len(heads) != 1 or 0 in heads:
         raise ValueError(f"gates need an unpruned model with equal heads per layer, got {[p.num_heads for p in parts]}")
-    device = next(model.parameters()).device
-    gates = HeadGates(len(parts), heads.pop(), config, seed=seed).to(device)
+    gates = HeadGates(len(parts), heads.pop(), config, seed=seed).to(gate_device(model))
     model.head_gates = gates
 
-    def refresh(module, args, kwargs):
+    def refresh():
         gates.mask = gates.compute_mask()
 
-    gates._hooks.append(model.register_forward_pre_hook(refresh, with_kwargs=True))
-    for p in parts:
-        row = (lambda layer: (lambda: gates.mask[layer]))(p.layer)
-        gates._hooks.append(p.output.register_forward_pre_hook(scale_heads_hook(row, p.head_dim)))
+    gates._hooks += install_mask_hooks_(model, lambda: gates.mask, refresh=refresh)
     return gates
 
 
@@ -384,22 +429,14 @@ def add_unit_gates_(model: nn.Module, config: GateConfig, *, block_size: int, ff
     costs = budget = None
     if flops_keep_fraction is not None:
         costs, budget = flops_budget(model, block_size, flops_keep_fraction, seq)
-    device = next(model.parameters()).device
     gates = UnitGates(len(parts), heads.pop(), width // block_size, config, ffn_keep=ffn_keep, costs=costs,
-                      budget=budget, seed=seed).to(device)
+                      budget=budget, seed=seed).to(gate_device(model))
     model.head_gates = gates
 
-    def refresh(module, args, kwargs):
+    def refresh():
         gates.mask = gates.compute_mask()
 
-    gates._hooks.append(model.register_forward_pre_hook(refresh, with_kwargs=True))
-    h = gates.num_heads
-    for p in parts:
-        row = (lambda layer: (lambda: gates.mask[layer, :h]))(p.layer)
-        gates._hooks.append(p.output.register_forward_pre_hook(scale_heads_hook(row, p.head_dim)))
-    for p in ffn:
-        row = (lambda layer: (lambda: gates.mask[layer, h:]))(p.layer)
-        gates._hooks.append(p.output.register_forward_pre_hook(scale_heads_hook(row, block_size)))
+    gates._hooks += install_mask_hooks_(model, lambda: gates.mask, block_size=block_size, refresh=refresh)
     return gates
 
 
@@ -408,18 +445,12 @@ def add_fixed_mask_(model: nn.Module, mask: torch.Tensor, ffn_mask: torch.Tensor
 
     Returns hook handles (``handle.remove()`` undoes it). A block is ``width // blocks`` neurons.
     """
-    handles = []
     mask = mask.detach().to(torch.float64)
-    for p in attention_parts(model):
-        row = (lambda layer: (lambda: mask[layer]))(p.layer)
-        handles.append(p.output.register_forward_pre_hook(scale_heads_hook(row, p.head_dim)))
-    if ffn_mask is not None:
-        ffn_mask = ffn_mask.detach().to(torch.float64)
-        for p in feed_forward_parts(model):
-            row = (lambda layer: (lambda: ffn_mask[layer]))(p.layer)
-            block = p.width // ffn_mask.shape[1]
-            handles.append(p.output.register_forward_pre_hook(scale_heads_hook(row, block)))
-    return handles
+    if ffn_mask is None:
+        return install_mask_hooks_(model, lambda: mask)
+    block = feed_forward_parts(model)[0].width // ffn_mask.shape[1]
+    both = torch.cat([mask, ffn_mask.detach().to(mask)], 1)
+    return install_mask_hooks_(model, lambda: both, block_size=block)
 
 
 def kept_neurons_from_mask(ffn_mask: torch.Tensor, block_size: int) -> dict[int, list[int]]:

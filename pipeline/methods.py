@@ -37,7 +37,8 @@ from pipeline.gates import (
     flops_budget,
     harden,
     remove_head_gates_,
-    scale_heads_hook,
+    gate_device,
+    install_mask_hooks_,
     top_k_mask,
 )
 
@@ -172,22 +173,19 @@ def add_hardconcrete_gates_(model: nn.Module, config: HardConcreteConfig, seed: 
     if hasattr(model, "head_gates"):
         raise ValueError("model already has head gates")
     layers, heads = _model_shape(model)
-    gates = HardConcreteGates(layers, heads, config, seed=seed).to(next(model.parameters()).device)
+    gates = HardConcreteGates(layers, heads, config, seed=seed).to(gate_device(model))
     model.head_gates = gates
 
-    def refresh(module, args, kwargs):
+    def refresh():
         gates.mask = gates.compute_mask()
 
     def add_penalty(module, args, kwargs, output):
         if module.training and getattr(output, "loss", None) is not None:
-            output.loss = output.loss + gates.penalty().to(output.loss.dtype)
+            output.loss = output.loss + gates.penalty().to(output.loss)  # device and dtype
         return output
 
-    gates._hooks.append(model.register_forward_pre_hook(refresh, with_kwargs=True))
     gates._hooks.append(model.register_forward_hook(add_penalty, with_kwargs=True))
-    for p in attention_parts(model):
-        row = (lambda layer: (lambda: gates.mask[layer]))(p.layer)
-        gates._hooks.append(p.output.register_forward_pre_hook(scale_heads_hook(row, p.head_dim)))
+    gates._hooks += install_mask_hooks_(model, lambda: gates.mask, refresh=refresh)
     return gates
 
 
@@ -195,11 +193,7 @@ def add_hardconcrete_gates_(model: nn.Module, config: HardConcreteConfig, seed: 
 
 
 def _add_grad_mask_(model: nn.Module, mask: torch.Tensor) -> list:
-    handles = []
-    for p in attention_parts(model):
-        row = (lambda layer: (lambda: mask[layer]))(p.layer)
-        handles.append(p.output.register_forward_pre_hook(scale_heads_hook(row, p.head_dim)))
-    return handles
+    return install_mask_hooks_(model, lambda: mask)
 
 
 def michel_importance(model: nn.Module, batches: Iterable[dict], mask: torch.Tensor | None = None, *,
