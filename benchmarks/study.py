@@ -241,9 +241,14 @@ def grid(config: StudyConfig, only: dict[str, set[str]] | None = None, shard: tu
 
 
 def read_rows(paths) -> list[dict]:
-    """Rows from JSONL files and folders of them (``rows*.jsonl``); a torn last line is skipped."""
+    """Rows from JSONL files, folders of them (``rows*.jsonl``) and merged results (``.json``, as
+    :func:`merge` writes them: its grid rows, references and timing rows); a torn last line is skipped."""
     rows = []
     for path in map(Path, paths):
+        if path.suffix == ".json":
+            merged = json.loads(path.read_text())
+            rows += merged["rows"] + merged["references"] + merged["step_time"]
+            continue
         files = sorted(path.glob("rows*.jsonl")) if path.is_dir() else [path]
         for file in files:
             for line in file.read_text().splitlines():

@@ -135,3 +135,15 @@ def test_heads_and_blocks_rows_match_the_flops_of_heads_only_rows(study_setup):
     merge([out], results)
     table = (results / "study-tiny.md").read_text()
     assert "against FLOPs kept" in table and "| random+ffn | f=0.5 |" in table
+
+
+def test_merge_reads_earlier_merged_results(study_setup, tmp_path):
+    """A new study's rows merge with an earlier study's committed results file."""
+    root, config_path = study_setup
+    earlier = root / "results" / "study-tiny.json"
+    if not earlier.is_file():
+        pytest.skip("needs the merged results of test_study_writes_rows_resumes_and_merges")
+    rows = read_rows([earlier])
+    merged = json.loads(earlier.read_text())
+    assert len(rows) == len(merged["rows"]) + len(merged["references"]) + len(merged["step_time"])
+    assert merge([earlier], tmp_path, "again")["json"].is_file()
