@@ -725,6 +725,11 @@ def summarize(rows: list[dict]) -> dict:
     latest = {row["key"]: row for row in rows if "key" in row}
     rows = list(latest.values())
     grid_rows = [r for r in rows if r["kind"] == "row"]
+    # A "+ffn" row at K has the budget of K heads alone: the heads-only rows' FLOPs where they lack them.
+    heads_only_flops = {r["keep"]: r["flops_budget"] for r in grid_rows
+                        if variant_prunes_ffn(r["variant"]) and r.get("fraction") is None and "flops_budget" in r}
+    grid_rows = [r if "flops_kept_fraction" in r or variant_prunes_ffn(r["variant"]) or r["keep"] not in heads_only_flops
+                 else {**r, "flops_kept_fraction": heads_only_flops[r["keep"]]} for r in grid_rows]
     groups: dict[tuple[str, int, float], list[dict]] = {}
     for row in grid_rows:
         fraction = row.get("fraction")
@@ -757,7 +762,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def markdown(result: dict) -> str:
-    by_k = [s for s in result["summary"] if "fraction" not in s]
+    # "+ffn" rows have no head count of their own: they appear in the FLOPs table below.
+    by_k = [s for s in result["summary"] if not variant_prunes_ffn(s["variant"])]
     keeps = sorted({s["keep"] for s in by_k}, reverse=True)
     variants = sorted({s["variant"] for s in by_k})
     cell = {(s["variant"], s["keep"]): s for s in by_k}
@@ -774,13 +780,15 @@ def markdown(result: dict) -> str:
             s = cell.get((variant, k))
             cells.append(f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} (n={s['n']})" if s else "")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    if any(variant_prunes_ffn(v) for v in variants):
-        lines += ["", f"`+ffn` variants keep heads and feed-forward blocks under one FLOP budget: in column K, the "
-                      "FLOPs of K heads alone (the heads-only rows' cost)."]
-    with_flops = sorted((s for s in result["summary"] if "flops_kept_fraction" in s),
+    # Each "+ffn" variant beside its heads-only counterpart (the same method and mode).
+    counterparts = {s["variant"].replace(FFN_SUFFIX, "") for s in result["summary"] if variant_prunes_ffn(s["variant"])}
+    with_flops = sorted((s for s in result["summary"] if "flops_kept_fraction" in s
+                         and (variant_prunes_ffn(s["variant"]) or s["variant"] in counterparts)),
                         key=lambda s: (-s["flops_kept_fraction"], s["variant"]))
     if any(variant_prunes_ffn(s["variant"]) for s in with_flops):
         lines += ["", f"## Dev {metric} against FLOPs kept (per token at the study's flops_seq)", "",
+                  "`+ffn` variants keep heads and feed-forward blocks under one FLOP budget: at K, the FLOPs of "
+                  "K heads alone (the heads-only rows' cost); at f, that share of the model's FLOPs.", "",
                   "| variant | budget | FLOPs kept | " + metric + " |", "|---|---|---|---|"]
         for s in with_flops:
             budget = f"f={s['fraction']:g}" if "fraction" in s else f"K={s['keep']}"
@@ -802,7 +810,7 @@ def plot(result: dict, path: Path) -> None:
     with_ffn = any(variant_prunes_ffn(s["variant"]) for s in result["summary"])
     fig, axes = plt.subplots(1, 2 if with_ffn else 1, figsize=(13 if with_ffn else 7, 4.5), squeeze=False)
     ax = axes[0][0]
-    by_k = [s for s in result["summary"] if "fraction" not in s]
+    by_k = [s for s in result["summary"] if not variant_prunes_ffn(s["variant"])]
     for variant in sorted({s["variant"] for s in by_k}):
         points = sorted((s["keep"], s["mean"], s["std"]) for s in by_k if s["variant"] == variant)
         ks, means, stds = zip(*points)
@@ -816,7 +824,9 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     if with_ffn:
         flops_ax = axes[0][1]
-        for variant in sorted({s["variant"] for s in result["summary"] if "flops_kept_fraction" in s}):
+        counterparts = {s["variant"].replace(FFN_SUFFIX, "") for s in result["summary"] if variant_prunes_ffn(s["variant"])}
+        for variant in sorted({s["variant"] for s in result["summary"] if "flops_kept_fraction" in s
+                               and (variant_prunes_ffn(s["variant"]) or s["variant"] in counterparts)}):
             points = sorted((s["flops_kept_fraction"], s["mean"], s["std"]) for s in result["summary"]
                             if s["variant"] == variant and "flops_kept_fraction" in s)
             xs, means, stds = zip(*points)
@@ -840,7 +850,7 @@ def merge(paths, results_dir: Path, name: str | None = None) -> dict[str, Path]:
     if not rows:
         raise ValueError(f"no rows in {', '.join(map(str, paths))}")
     result = summarize(rows)
-    name = name or result["study"]
+    name = result["study"] = name or result["study"]  # rows of several studies merge under the given name
     results_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": results_dir / f"{name}.json", "md": results_dir / f"{name}.md", "png": results_dir / f"{name}.png"}
     files["json"].write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
