@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+import os
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
 from benchmarks.report import (
+    PLOT_FILES,
     SCHEMA,
     compare_reports,
     head_mask,
@@ -245,3 +249,75 @@ def test_pruning_speedups_table(report, tmp_path):
                                    "batch": 16, "seq": 128, "measured": 1.1, "ideal": 1.25, "efficiency": 0.88}]
     text = write_markdown(report, tmp_path / "report.md").read_text()
     assert "| pruned/onnx-fp32 | 16 | 128 | 1.10x | 1.25x | 0.88 |" in text
+
+
+# --- golden files -----------------------------------------------------------------------------
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "report"
+# The fixture holds no weights: the report only reads their sizes, so the test writes sparse files
+# of the recorded run's sizes (no disk blocks used).
+GOLDEN_MODEL_BYTES = {
+    "finetune/baseline/model.safetensors": 90_867_952,
+    "prune/model/model.safetensors": 83_776_232,
+    "export/baseline.onnx": 91_000_594,
+    "export/pruned.onnx": 83_908_875,
+    "quantize/baseline-int8-dynamic.onnx": 23_166_680,
+    "quantize/pruned-int8-dynamic.onnx": 21_366_041,
+}
+# What the report would otherwise take from the clock and the installed packages.
+GOLDEN_CREATED = "2026-11-24T12:37:13+00:00"
+GOLDEN_VERSIONS = {"dsprune": "0.1.0", "numpy": "2.4.6", "onnx": "1.23.2", "onnxruntime": "1.31.1",
+                   "python": "3.11.7", "torch": "2.13.0+cpu", "transformers": "5.23.0"}
+
+
+def _golden_run(tmp_path: Path) -> Path:
+    run_dir = shutil.copytree(GOLDEN / "run", tmp_path / "run")
+    for name, size in GOLDEN_MODEL_BYTES.items():
+        path = run_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(size)
+    return run_dir
+
+
+def test_report_stage_matches_golden_files(tmp_path):
+    """The report stage on a fixed run folder writes report.md and report.json byte for byte as committed.
+
+    Input: ``tests/golden/report/run/``, the files the report stage reads (config, stage metrics,
+    head mask, ``bench/rows.jsonl`` and ``machine.json``), taken from a real sst2-minilm run on a
+    2-core CPU (36 of 72 heads; torch fp32, ONNX fp32 and int8 at batch 1 and 16, seq 128), with
+    ``gates.min_speedup: 2.0`` added so both gates show. The creation time and package versions
+    are fixed here. Any change of a figure, a rounding or the table layout fails this test; the
+    PNG plots are only checked to decode (their bytes depend on the matplotlib version).
+
+    After an intended change of the report, regenerate the golden files and review their diff:
+
+        DSPRUNE_UPDATE_GOLDEN=1 python -m pytest tests/test_report.py -k golden
+        git diff tests/golden/report
+    """
+    from matplotlib.image import imread
+
+    from pipeline.run import RunFolder
+    from pipeline.stages.report import build_report
+
+    run_dir = _golden_run(tmp_path)
+    report = build_report(RunFolder(run_dir).config(), run_dir, created=GOLDEN_CREATED,
+                          package_versions=GOLDEN_VERSIONS)
+    paths = write_report(report, tmp_path / "report")
+
+    for name in PLOT_FILES:
+        pixels = imread(paths[name])
+        assert pixels.shape[0] >= 200 and pixels.shape[1] >= 300, name
+        assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::7]}) > 20, f"{name} looks blank"
+
+    if os.environ.get("DSPRUNE_UPDATE_GOLDEN") == "1":
+        for key in ("markdown", "json"):
+            shutil.copyfile(paths[key], GOLDEN / paths[key].name)
+        pytest.skip("golden files rewritten: review `git diff tests/golden/report`")
+    for key in ("markdown", "json"):
+        got, expected = paths[key].read_bytes(), (GOLDEN / paths[key].name).read_bytes()
+        if got != expected:
+            diff = difflib.unified_diff(expected.decode().splitlines(), got.decode().splitlines(),
+                                        f"golden/{paths[key].name}", "built", lineterm="", n=1)
+            pytest.fail(f"{paths[key].name} differs from tests/golden/report (regenerate with "
+                        "DSPRUNE_UPDATE_GOLDEN=1 if intended):\n" + "\n".join(diff))
