@@ -26,6 +26,8 @@ PLOT_FILES = {
 # The benchmark's own threads load the machine; only load beyond them means other work competed.
 BUSY_LOAD_FRACTION = 0.25
 MAX_SPREAD = 1.2
+# A pruning speedup below this share of its FLOP ideal gets a sentence on what the rows say ate the rest.
+EFFICIENCY_FLOOR = 0.9
 _DPI = 120
 
 
@@ -213,19 +215,76 @@ def _batch1_points(report: dict) -> tuple[int | None, list[tuple[dict, dict]]]:
     return seq, [(v, r) for v, r in rows if r["seq"] == seq]
 
 
+def _noise(row: dict, cores: int) -> list[str]:
+    """Why a latency row may be noisy (a busy machine, unstable rounds); empty when it looks clean."""
+    reasons = []
+    if row["load_avg"][0] - row["threads"] > BUSY_LOAD_FRACTION * cores:
+        reasons.append(f"load {row['load_avg'][0]:.2f} on {cores} cores, {row['threads']} of it the benchmark's")
+    if row["spread"] > MAX_SPREAD:
+        reasons.append(f"spread {row['spread']:.2f}")
+    return reasons
+
+
 def _noisy_rows(report: dict) -> list[str]:
     cores = report["machine"]["cores"]
     noisy = []
     for variant in report["variants"]:
         for row in variant["latency"]:
-            reasons = []
-            if row["load_avg"][0] - row["threads"] > BUSY_LOAD_FRACTION * cores:
-                reasons.append(f"load {row['load_avg'][0]:.2f} on {cores} cores, {row['threads']} of it the benchmark's")
-            if row["spread"] > MAX_SPREAD:
-                reasons.append(f"spread {row['spread']:.2f}")
+            reasons = _noise(row, cores)
             if reasons:
                 noisy.append(f"{variant['name']} batch {row['batch']} ({', '.join(reasons)})")
     return noisy
+
+
+def _fixed_cost(rows: dict[int, float], low: int, high: int) -> tuple[float, float]:
+    """(fixed ms per call, ms per sequence) of ``p50 = fixed + batch x per-sequence`` through two batch sizes."""
+    per_sequence = (rows[high] - rows[low]) / (high - low)
+    return rows[low] - low * per_sequence, per_sequence
+
+
+def _shortfall(report: dict, entry: dict) -> str:
+    """What the rows say about a pruning speedup below ``EFFICIENCY_FLOOR`` of its FLOP ideal.
+
+    Two causes the rows can show: noisy timings, and a fixed cost per call (framework overhead,
+    thread wake-ups, the classifier) that removing heads does not shrink. The fixed cost comes from
+    the two smallest batch sizes timed at this sequence length, fitting ``p50 = fixed + batch x
+    per-sequence`` to each model; it needs two batch sizes and a per-sequence time that falls
+    with the batch.
+    """
+    kind = entry["variant"].split("/", 1)[1]
+    by_name = {v["name"]: v for v in report["variants"]}
+    models = {"baseline": by_name[f"baseline/{kind}"], "pruned": by_name[entry["variant"]]}
+    p50 = {m: {r["batch"]: r["p50_ms"] for r in v["latency"] if r["seq"] == entry["seq"]} for m, v in models.items()}
+    batch, seq, ideal = entry["batch"], entry["seq"], entry["ideal"]
+    text = (f"**{entry['variant']}**, batch {batch}, seq {seq}: {entry['measured']:.2f}x against an ideal "
+            f"{ideal:.2f}x (efficiency {entry['efficiency']:.2f}).")
+    cores = report["machine"]["cores"]
+    noisy = [f"{m} {', '.join(_noise(r, cores))}" for m, v in models.items() for r in v["latency"]
+             if (r["batch"], r["seq"]) == (batch, seq) and _noise(r, cores)]
+    if noisy:
+        text += f" Its timings are noisy ({'; '.join(noisy)}): rerun on a quiet machine before reading this ratio."
+    batches = sorted(set(p50["baseline"]) & set(p50["pruned"]))
+    if len(batches) < 2:
+        return text + (f" Only batch {batch} was timed at seq {seq}; a second batch size in bench.batches would "
+                       "separate a fixed cost per call from the work per sequence.")
+    low, high = batches[:2]
+    fits = {m: _fixed_cost(p50[m], low, high) for m in models}
+    rising = [m for m, (fixed, _) in fits.items() if fixed <= 0]
+    if rising:
+        m = rising[0]
+        return text + (f" From batch {low} to {high} the {m} model's p50 per sequence does not fall "
+                       f"({p50[m][low] / low:.2f} -> {p50[m][high] / high:.2f} ms), so these rows show no fixed cost "
+                       "per call to blame; the report holds no operator profile to say more.")
+    (fixed_base, per_seq_base), (fixed_pruned, per_seq_pruned) = fits["baseline"], fits["pruned"]
+    base_call = fixed_base + batch * per_seq_base
+    expected = base_call / (fixed_base + batch * per_seq_base / ideal)
+    text += (f" Fitting p50 = fixed + batch x per-sequence to batches {low} and {high}: a fixed "
+             f"{fixed_base:.2f} ms per call (pruned: {fixed_pruned:.2f} ms), {fixed_base / base_call:.0%} of the "
+             f"baseline's call at batch {batch}, which removing heads does not shrink; with it the expected speedup is "
+             f"{expected:.2f}x, and the work per sequence shrank {per_seq_base / per_seq_pruned:.2f}x.")
+    if entry["measured"] < EFFICIENCY_FLOOR * expected:
+        text += " The rest of the gap is not explained by these rows; the report holds no operator profile."
+    return text
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -376,6 +435,12 @@ def write_markdown(report: dict, path) -> Path:
         lines += _table(["Variant", "Batch", "Seq", "Measured", "Ideal", "Efficiency"],
                         [[s["variant"], str(s["batch"]), str(s["seq"]), f"{s['measured']:.2f}x", f"{s['ideal']:.2f}x",
                           f"{s['efficiency']:.2f}"] for s in report["pruning_speedups"]])
+        short = [s for s in report["pruning_speedups"] if s["efficiency"] < EFFICIENCY_FLOOR]
+        if short:
+            lines += ["", f"Below {EFFICIENCY_FLOOR:g} of the ideal, what the rows say eats the difference:", ""]
+            lines += [f"- {_shortfall(report, s)}" for s in short]
+        else:
+            lines += ["", f"Every pruned variant reaches at least {EFFICIENCY_FLOOR:g} of its FLOP ideal."]
 
     lines += ["", "## Gates", ""]
     lines += _table(["Gate", "Value", "Bound", "Result"],

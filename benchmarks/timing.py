@@ -145,7 +145,8 @@ def measure_in_subprocess(spec: dict, *, threads: int, timeout: float = 600) -> 
     return json.loads(lines[-1])
 
 
-def interleaved(specs: list[dict], *, threads: int, rounds: int = 3) -> list[dict]:
+def interleaved(specs: list[dict], *, threads: int, rounds: int = 3,
+                on_measured: Callable[[dict], object] | None = None) -> list[dict]:
     """Measure every spec once per round, A B C A B C ..., each in a fresh process.
 
     Interleaving spreads slow drifts of the machine (thermal, background load) over all specs
@@ -155,6 +156,8 @@ def interleaved(specs: list[dict], *, threads: int, rounds: int = 3) -> list[dic
         specs: as for :func:`measure_in_subprocess`.
         threads: threads for every measurement.
         rounds: measurements per spec.
+        on_measured: called with the spec just measured after each of the ``len(specs) * rounds``
+            measurements (a progress bar ticks on it).
 
     Returns:
         Per spec, in order: the median over rounds of each of ``STAT_KEYS``, the child's other
@@ -165,6 +168,8 @@ def interleaved(specs: list[dict], *, threads: int, rounds: int = 3) -> list[dic
     for _ in range(rounds):
         for i, spec in enumerate(specs):
             raw[i].append(measure_in_subprocess(spec, threads=threads))
+            if on_measured is not None:
+                on_measured(spec)
     results = []
     for measurements in raw:
         p50s = [m["p50_ms"] for m in measurements]

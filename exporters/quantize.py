@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.progress import progress_bar
 
 METHODS = ("dynamic", "static", "fp16")
 CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
@@ -104,7 +106,12 @@ class BatchReader:
     Args:
         batches: dicts of int tensors or arrays of shape (batch, seq); extra keys (labels) are dropped.
         input_names: the graph inputs to feed.
+
+    Attributes:
+        on_batch: called with 1 each time a batch is handed out (a progress bar's ``update``).
     """
+
+    on_batch: Callable[[int], object] | None = None
 
     def __init__(self, batches: Iterable[Mapping], input_names: Iterable[str]):
         names = tuple(input_names)
@@ -122,7 +129,10 @@ class BatchReader:
         return len(self._feeds)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._next, None)
+        feed = next(self._next, None)
+        if feed is not None and self.on_batch is not None:
+            self.on_batch(1)
+        return feed
 
     def rewind(self) -> None:
         self._next = iter(self._feeds)
@@ -194,7 +204,10 @@ def quantize(onnx_in, onnx_out, preset: str = "int8-dynamic", *, calibration: It
             if config.method == "dynamic":
                 _quantize_dynamic(onnx_in, tmp, config)
             elif config.method == "static":
-                _quantize_static(onnx_in, tmp, config, reader)
+                # Calibration runs the graph on every batch: the slow part of static quantization.
+                with progress_bar(len(reader), f"calibrate {onnx_in.name}") as bar:
+                    reader.on_batch = bar.update
+                    _quantize_static(onnx_in, tmp, config, reader)
             else:
                 _convert_fp16(onnx_in, tmp)
         os.replace(tmp, onnx_out)

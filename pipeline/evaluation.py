@@ -1,6 +1,7 @@
 """Task data for a run and the dev-set metric of any variant (torch model or ONNX file)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import numpy as np
 
 from pipeline import data
 from pipeline.config import RunConfig
+from pipeline.progress import track
 
 EVAL_BATCH = 64
 
@@ -24,6 +26,10 @@ class TaskData:
 
     def dev_batches(self, batch_size: int = EVAL_BATCH):
         return data.batches(self.dev, batch_size, shuffle=False)
+
+    def tracked_dev_batches(self, desc: str, batch_size: int = EVAL_BATCH):
+        """:meth:`dev_batches` with a progress bar (a full dev pass takes seconds to minutes on a CPU)."""
+        return track(self.dev_batches(batch_size), math.ceil(len(self.dev.labels) / batch_size), desc)
 
 
 def task_spec(cfg: RunConfig) -> data.TaskSpec:
@@ -50,11 +56,12 @@ def score(task: data.TaskSpec, logits: np.ndarray, labels) -> dict[str, float]:
 def evaluate_torch(model, task_data: TaskData) -> dict[str, float]:
     from pipeline.training import predict
 
-    return score(task_data.task, predict(model, task_data.dev_batches()), task_data.dev.labels)
+    return score(task_data.task, predict(model, task_data.tracked_dev_batches("evaluate")), task_data.dev.labels)
 
 
 def evaluate_onnx(path: Path, task_data: TaskData, threads: int) -> dict[str, float]:
     from exporters.onnx import onnx_session, predict_onnx
 
     session = onnx_session(path, threads=threads)
-    return score(task_data.task, predict_onnx(session, task_data.dev_batches()), task_data.dev.labels)
+    logits = predict_onnx(session, task_data.tracked_dev_batches(f"evaluate {Path(path).name}"))
+    return score(task_data.task, logits, task_data.dev.labels)

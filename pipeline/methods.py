@@ -27,8 +27,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from pipeline.architectures import attention_parts
-from pipeline.architectures import feed_forward_parts
+from pipeline.architectures import attention_parts, feed_forward_parts
 from pipeline.gates import (
     GateConfig,
     add_head_gates_,
@@ -41,6 +40,7 @@ from pipeline.gates import (
     install_mask_hooks_,
     top_k_mask,
 )
+from pipeline.progress import track
 
 TRAINED_METHODS = ("dsp", "ste", "hardconcrete")
 SCORED_METHODS = ("michel", "michel-iterative", "random")
@@ -225,7 +225,8 @@ def michel_importance(model: nn.Module, batches: Iterable[dict], mask: torch.Ten
     handles = _add_grad_mask_(model, leaf)
     use_bf16 = device.type == "cuda"
     try:
-        for batch in batches:
+        # A forward and backward per training batch: as slow as an epoch of training, so it gets a bar.
+        for batch in track(batches, None, "head importance"):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**batch).loss

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.progress import progress_bar
+
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,20 +51,15 @@ def train(
     Args:
         epochs_of_batches: called with the epoch index, returns that epoch's batches (dicts with labels).
         on_step: called with the step index before each forward (the gates' temperature follows it).
+        progress: force the progress bar on or off; None shows it only on a terminal and not
+            under ``--quiet`` (:func:`pipeline.progress.progress_enabled`).
     """
-    import os
-    import sys
-
-    from tqdm import tqdm
-
-    if progress is None:  # a bar only for people watching, not in CI logs or under --quiet
-        progress = sys.stderr.isatty() and os.environ.get("DSPRUNE_PROGRESS", "1") != "0"
     device = next(model.parameters()).device
     use_bf16 = device.type == "cuda"
     model.train()
     log, losses = [], []
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=description, disable=not progress, mininterval=5, leave=False)
+    bar = progress_bar(steps, description, enabled=progress)
     step, epoch = 0, 0
     while step < steps:
         for batch in epochs_of_batches(epoch):

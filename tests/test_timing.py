@@ -99,8 +99,10 @@ def test_unknown_engine_and_missing_keys_are_rejected(tiny_onnx):
 
 def test_interleaved_keeps_spec_order_and_summarises_rounds(tiny_onnx):
     specs = [onnx_spec(tiny_onnx, batch=1), onnx_spec(tiny_onnx, batch=8)]
-    results = interleaved(specs, threads=1, rounds=2)
+    measured = []
+    results = interleaved(specs, threads=1, rounds=2, on_measured=lambda spec: measured.append(spec["batch"]))
     assert [r["batch"] for r in results] == [1, 8]
+    assert measured == [1, 8, 1, 8]  # one call per measurement, A B A B: the bench stage's progress ticks
     for result in results:
         assert result["rounds"] == 2 and len(result["rounds_p50_ms"]) == 2
         assert min(result["rounds_p50_ms"]) <= result["p50_ms"] <= max(result["rounds_p50_ms"])

@@ -10,6 +10,7 @@ import json
 from benchmarks.timing import interleaved, machine_info
 from pipeline.config import RunConfig
 from pipeline.models import resolve_model_path
+from pipeline.progress import progress_bar
 from pipeline.run import write_json_atomic
 
 
@@ -35,19 +36,27 @@ def run(cfg: RunConfig, run_dir, out):
     tokenizer = resolve_model_path(cfg.model)
     rows = []
     grid = [(batch, seq) for seq in b.seqs for batch in b.batches]
-    for batch, seq in grid:
-        specs = [
-            {"variant": name, "engine": engine, "model": path, "tokenizer": tokenizer,
-             "batch": batch, "seq": seq, "threads": b.threads, "warmup": b.warmup, "runs": b.runs}
-            for name, (engine, path) in variants.items()
-        ]
-        for spec, result in zip(specs, interleaved(specs, threads=b.threads, rounds=b.rounds)):
-            model, _, kind = spec["variant"].partition("/")
-            rows.append({
-                "variant": spec["variant"], "pruned": model == "pruned", "engine": spec["engine"],
-                "precision": kind.split("-")[1], "device": "cpu", "threads": b.threads,
-                "batch": batch, "seq": seq, **{k: result[k] for k in result if k not in spec},
-            })
+
+    def tick(spec: dict) -> None:
+        bar.set_postfix_str(f"{spec['variant']} batch {spec['batch']} seq {spec['seq']}", refresh=False)
+        bar.update(1)
+
+    # One tick per measurement (a fresh process each): variants x grid x rounds.
+    with progress_bar(len(variants) * len(grid) * b.rounds, "bench") as bar:
+        for batch, seq in grid:
+            specs = [
+                {"variant": name, "engine": engine, "model": path, "tokenizer": tokenizer,
+                 "batch": batch, "seq": seq, "threads": b.threads, "warmup": b.warmup, "runs": b.runs}
+                for name, (engine, path) in variants.items()
+            ]
+            measured = interleaved(specs, threads=b.threads, rounds=b.rounds, on_measured=tick)
+            for spec, result in zip(specs, measured):
+                model, _, kind = spec["variant"].partition("/")
+                rows.append({
+                    "variant": spec["variant"], "pruned": model == "pruned", "engine": spec["engine"],
+                    "precision": kind.split("-")[1], "device": "cpu", "threads": b.threads,
+                    "batch": batch, "seq": seq, **{k: result[k] for k in result if k not in spec},
+                })
     with open(out / "rows.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row, sort_keys=True) + "\n")

@@ -27,6 +27,7 @@ from pipeline import data
 from pipeline.config import RunConfig
 from pipeline.evaluation import load_task_data, score
 from pipeline.models import load_tokenizer
+from pipeline.progress import progress_bar
 from pipeline.run import GateFailed, write_json_atomic
 
 MODELS = ("baseline", "pruned")
@@ -94,33 +95,37 @@ def run(cfg: RunConfig, run_dir, out):
     scratch = out / ".fused"
     variants: dict[str, dict] = {}
     fused: dict[str, dict] = {}
-    for model in MODELS:
-        sources = {"plain": run_dir / "export" / f"{model}.onnx"}
-        if "fused" in graphs.values():
-            result = optimize_onnx(sources["plain"], scratch / f"{model}.onnx")
-            sources["fused"] = result.path
-            fused[model] = {"fused_ops": result.fused, "explicit_head_counts": result.explicit_head_counts,
-                            "parity_max_abs_diff": _check_fused(result.path, sources["plain"], dev_batches[0],
-                                                                cfg.export.parity_atol)}
-        for precision, graph in graphs.items():
-            path = out / f"{model}-{precision}.onnx"
-            if precision == "fp32":
-                _link_or_copy(sources[graph], path)
-            else:
-                quantize(sources[graph], path, precision, calibration=calibration)
-            logits = predict_onnx(onnx_session(path, threads=cfg.threads), dev_batches)
-            variants[path.name] = {
-                "model": model, "preset": None if precision == "fp32" else precision,
-                "precision": "fp32" if precision == "fp32" else PRESETS[precision].precision,
-                "device": "gpu" if precision != "fp32" and PRESETS[precision].gpu else "cpu",
-                "graph": graph, "fused_ops": fused_op_counts(path), "bytes": path.stat().st_size,
-                "metric": score(task_data.task, logits, task_data.dev.labels),
-            }
-        reference = variants[f"{model}-fp32.onnx"]
-        for precision in graphs:
-            v = variants[f"{model}-{precision}.onnx"]
-            v["drop"] = reference["metric"][metric] - v["metric"][metric]
-            v["size_ratio"] = reference["bytes"] / v["bytes"]
+    # One tick per (model, precision): quantizing and scoring each on the dev set takes seconds each.
+    with progress_bar(len(MODELS) * len(graphs), "quantize") as bar:
+        for model in MODELS:
+            sources = {"plain": run_dir / "export" / f"{model}.onnx"}
+            if "fused" in graphs.values():
+                result = optimize_onnx(sources["plain"], scratch / f"{model}.onnx")
+                sources["fused"] = result.path
+                fused[model] = {"fused_ops": result.fused, "explicit_head_counts": result.explicit_head_counts,
+                                "parity_max_abs_diff": _check_fused(result.path, sources["plain"], dev_batches[0],
+                                                                    cfg.export.parity_atol)}
+            for precision, graph in graphs.items():
+                bar.set_postfix_str(f"{model} {precision}")  # the one in progress
+                path = out / f"{model}-{precision}.onnx"
+                if precision == "fp32":
+                    _link_or_copy(sources[graph], path)
+                else:
+                    quantize(sources[graph], path, precision, calibration=calibration)
+                logits = predict_onnx(onnx_session(path, threads=cfg.threads), dev_batches)
+                variants[path.name] = {
+                    "model": model, "preset": None if precision == "fp32" else precision,
+                    "precision": "fp32" if precision == "fp32" else PRESETS[precision].precision,
+                    "device": "gpu" if precision != "fp32" and PRESETS[precision].gpu else "cpu",
+                    "graph": graph, "fused_ops": fused_op_counts(path), "bytes": path.stat().st_size,
+                    "metric": score(task_data.task, logits, task_data.dev.labels),
+                }
+                bar.update(1)
+            reference = variants[f"{model}-fp32.onnx"]
+            for precision in graphs:
+                v = variants[f"{model}-{precision}.onnx"]
+                v["drop"] = reference["metric"][metric] - v["metric"][metric]
+                v["size_ratio"] = reference["bytes"] / v["bytes"]
     shutil.rmtree(scratch, ignore_errors=True)
 
     write_json_atomic(out / "metrics.json", {

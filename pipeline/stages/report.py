@@ -26,7 +26,16 @@ def _read(run_dir: Path, stage: str, name: str = "metrics.json") -> dict:
     return json.loads((run_dir / stage / name).read_text())
 
 
-def build_report(cfg: RunConfig, run_dir: Path) -> dict:
+def build_report(cfg: RunConfig, run_dir: Path, *, created: str | None = None,
+                 package_versions: dict[str, str] | None = None) -> dict:
+    """The report dict of a run folder whose stages up to bench are complete.
+
+    Args:
+        cfg: the run's config.
+        run_dir: the run folder.
+        created: the report's ``created`` time; now (UTC) when None. Fixed by the golden test.
+        package_versions: the report's ``versions``; the installed ones when None.
+    """
     finetune = _read(run_dir, "finetune")
     mask = _read(run_dir, "harden", "mask.json")
     hardened = _read(run_dir, "harden")["hardened"]
@@ -81,8 +90,8 @@ def build_report(cfg: RunConfig, run_dir: Path) -> dict:
         "stages": stages,
         "variants": variants,
         "machine": machine,
-        "versions": versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions() if package_versions is None else package_versions,
+        "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": cfg.seed,
     }
     if "ffn" in mask:
