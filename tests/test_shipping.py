@@ -1,10 +1,11 @@
-"""Shipping: one install command for make, CI and both images; linted Dockerfiles; structured (JSON)
-logs of every stage event."""
+"""Shipping: one install command for make, CI and both images; linted Dockerfiles; CI examples that
+call the real CLI; structured (JSON) logs of every stage event."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,9 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
+import click
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from conftest import ROOT, copy_run, run_cli
@@ -149,6 +152,109 @@ def test_hadolint_passes_on_both_dockerfiles():
     bad = subprocess.run([hadolint, "-"], input="FROM python:3.11-slim\nRUN apt-get update && apt-get install -y gcc\n",
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "DL3008" in bad.stdout
+
+
+# --- CI examples --------------------------------------------------------------------------------
+
+def _github():
+    workflow = yaml.safe_load((EXAMPLES / "github-actions.yml").read_text())
+    job = workflow["jobs"]["compress"]
+    return workflow, job, [step["run"] for step in job["steps"] if "run" in step], job.get("env", {})
+
+
+def _gitlab():
+    pipeline = yaml.safe_load((EXAMPLES / "gitlab-ci.yml").read_text())
+    variables = {k: (v["value"] if isinstance(v, dict) else v) for k, v in pipeline.get("variables", {}).items()}
+    scripts = [line for job in pipeline.values() if isinstance(job, dict) for line in job.get("script", [])]
+    return pipeline, scripts, variables
+
+
+def _dsprune_commands(shell: str, env: dict) -> list[list[str]]:
+    """The argument lists of every ``dsprune`` command in a shell script, variables from ``env`` expanded."""
+    shell = shell.replace("\\\n", " ")
+    commands = []
+    for line in shell.splitlines():
+        line = re.sub(r"(?<!\S)\d*>&\d+(?!\S)", " ", line)  # fd duplications such as 3>&1 2>&3
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        tokens = list(lexer)
+        for i, token in enumerate(tokens):
+            if token != "dsprune" or (i and tokens[i - 1] not in (";", "&&", "||", "|", "then", "do", "else")):
+                continue
+            args = []
+            for arg in tokens[i + 1:]:
+                if set(arg) <= set("|&;<>()"):
+                    break
+                args.append(re.sub(r"\$\{?(\w+)\}?", lambda m: str(env.get(m.group(1), m.group(0))), arg))
+            commands.append(args)
+    return commands
+
+
+def _parse_cli(args: list[str]) -> tuple[click.Context, click.Context]:
+    """Parse ``dsprune ARGS`` with the real click command tree, running nothing."""
+    from pipeline.cli import main
+
+    ctx = main.make_context("dsprune", list(args))
+    rest = [*getattr(ctx, "_protected_args", []), *ctx.args]  # click 9 keeps them all in ctx.args
+    name, command, sub_args = main.resolve_command(ctx, rest)
+    return ctx, command.make_context(name, sub_args, parent=ctx)
+
+
+def test_ci_examples_parse():
+    workflow, job, runs, env = _github()
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads the key `on` as true
+    assert "checkpoint" in triggers["workflow_dispatch"]["inputs"] and "inputs.checkpoint" in env["CHECKPOINT"]
+    steps = {step.get("name", step.get("uses")): step for step in job["steps"]}
+    # The report goes up and the summary is posted even when the gate step failed the job.
+    assert steps["Upload the artifact folder and the report"]["if"] == "${{ !cancelled() }}"
+    assert steps["Post the summary"]["if"] == "${{ !cancelled() }}"
+    assert "GITHUB_STEP_SUMMARY" in steps["Post the summary"]["run"]
+    uploaded = steps["Upload the artifact folder and the report"]["with"]["path"]
+    assert "/artifact" in uploaded and "/report" in uploaded
+
+    pipeline, scripts, variables = _gitlab()
+    compress, summary = pipeline["dsprune-compress"], pipeline["dsprune-summary"]
+    assert compress["artifacts"]["when"] == "always"
+    run_dir = variables["RUN_DIR"]
+    assert {f"{run_dir}/artifact/", f"{run_dir}/report/", variables["EVENTS"]} <= set(compress["artifacts"]["paths"])
+    assert all(rule["when"] == "always" for rule in summary["rules"])
+    assert "when" not in summary and summary["needs"][0]["job"] == "dsprune-compress"
+    assert any("set -o pipefail" in line for line in compress["script"])
+
+
+@pytest.mark.parametrize("example", ["github", "gitlab"])
+def test_ci_examples_call_commands_and_options_that_exist(example):
+    from pipeline.config import load_config
+
+    if example == "github":
+        _, _, scripts, env = _github()
+    else:
+        _, scripts, env = _gitlab()
+    commands = [args for script in scripts for args in _dsprune_commands(script, env)]
+    names = []
+    for args in commands:
+        try:
+            group_ctx, ctx = _parse_cli(args)
+        except click.UsageError as err:
+            pytest.fail(f"{example}: `dsprune {shlex.join(args)}`: {err}")
+        names.append(ctx.command.name)
+        assert group_ctx.params["log_format"] == "json", "CI runs log JSON"
+        if ctx.command.name == "run":
+            # The overrides name real config keys with values of the right type, and set both gates.
+            cfg = load_config(EXAMPLES / Path(ctx.params["config_path"]).name, ctx.params["overrides"])
+            assert cfg.gates.max_metric_drop is not None and cfg.gates.min_speedup is not None
+            assert cfg.model.name == env["CHECKPOINT"] and cfg.run_dir == env["RUN_DIR"]
+    assert "run" in names and "compare" in names
+
+
+def test_command_extraction_sees_through_shell_syntax():
+    script = 'set -o pipefail\nif [ -f x ]; then dsprune --quiet compare "$A" b.json; fi\n' \
+             'dsprune --log-format json run -c c.yaml \\\n  --set "k=$B" 3>&1 1>&2 2>&3 | tee log\n' \
+             'echo dsprune is not a command here'
+    assert _dsprune_commands(script, {"A": "a.json", "B": "1"}) == [
+        ["--quiet", "compare", "a.json", "b.json"], ["--log-format", "json", "run", "-c", "c.yaml", "--set", "k=1"]]
+    with pytest.raises(click.UsageError):
+        _parse_cli(["run", "-c", "c.yaml", "--no-such-option"])
 
 
 # --- structured logs ----------------------------------------------------------------------------
