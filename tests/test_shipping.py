@@ -201,7 +201,7 @@ def _parse_cli(args: list[str]) -> tuple[click.Context, click.Context]:
 
 
 def test_ci_examples_parse():
-    workflow, job, runs, env = _github()
+    workflow, job, _, env = _github()
     triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads the key `on` as true
     assert "checkpoint" in triggers["workflow_dispatch"]["inputs"] and "inputs.checkpoint" in env["CHECKPOINT"]
     steps = {step.get("name", step.get("uses")): step for step in job["steps"]}
@@ -212,7 +212,7 @@ def test_ci_examples_parse():
     uploaded = steps["Upload the artifact folder and the report"]["with"]["path"]
     assert "/artifact" in uploaded and "/report" in uploaded
 
-    pipeline, scripts, variables = _gitlab()
+    pipeline, _, variables = _gitlab()
     compress, summary = pipeline["dsprune-compress"], pipeline["dsprune-summary"]
     assert compress["artifacts"]["when"] == "always"
     run_dir = variables["RUN_DIR"]
