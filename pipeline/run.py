@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.config import RunConfig, config_from_dict
+from pipeline.events import stage_failed, stage_finished, stage_skipped, stage_started
 from pipeline.files import sha256_file, write_json_atomic  # noqa: F401 - stages import it from here
 
 
@@ -132,15 +133,26 @@ class RunFolder:
         }
 
     def run_stage(self, stage: Stage, cfg: RunConfig, log=print) -> dict:
+        """Run one stage into place and record it; ``log`` receives its start, finish or failure event."""
         missing = [n for n in stage.needs if n not in self.manifest()["stages"]]
         if missing:
             raise FileNotFoundError(f"{self.path}: stage {stage.name} needs {', '.join(missing)} to run first")
+        log(stage_started(stage.name))
+        started = time.time()
+        try:
+            summary = self._run_and_record(stage, cfg, started)
+        except BaseException as err:
+            log(stage_failed(stage.name, time.time() - started, err))
+            raise
+        log(stage_finished(stage.name, time.time() - started, summary))
+        return summary
+
+    def _run_and_record(self, stage: Stage, cfg: RunConfig, started: float) -> dict:
         self.verify_inputs(stage)
         tmp = self.path / f".{stage.name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        started = time.time()
         module = importlib.import_module(f"pipeline.stages.{stage.module}")
         try:
             summary = module.run(cfg, self.path, tmp) or {}
@@ -169,7 +181,6 @@ class RunFolder:
             "summary": summary,
         }
         write_json_atomic(self.manifest_path, manifest)
-        log(f"[{stage.name}] done in {time.time() - started:.1f}s")
         return summary
 
 def prepare_run_folder(cfg: RunConfig) -> RunFolder:
@@ -192,6 +203,8 @@ def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False
     Args:
         only: run just this stage (always, even when current).
         force: rerun every stage.
+        log: receives a ``pipeline.events.Event`` per stage start, skip, finish and failure
+            (``str(event)`` is the human line).
 
     Raises:
         GateFailed: from the report stage when a configured bound is crossed.
@@ -201,9 +214,8 @@ def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False
         if only is not None and stage.name != only:
             continue
         if only is None and not force and folder.is_current(stage, cfg):
-            log(f"[{stage.name}] up to date, skipped")
+            log(stage_skipped(stage.name))
             continue
-        log(f"[{stage.name}] running")
         folder.run_stage(stage, cfg, log=log)
     check_gates(folder)
     return folder
