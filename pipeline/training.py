@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.distributed import Distributed, mean_over_ranks, shard, wrap
+
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,12 +45,17 @@ def train(
     log_every: int = 50,
     progress: bool | None = None,
     description: str = "train",
+    distributed: Distributed | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps over batches drawn epoch after epoch.
 
     Args:
         epochs_of_batches: called with the epoch index, returns that epoch's batches (dicts with labels).
+            The model's loss must be a mean over the batch's examples.
         on_step: called with the step index before each forward (the gates' temperature follows it).
+        distributed: in a multi-process launch, the model trains inside DistributedDataParallel and
+            each rank takes its rows of every batch (:func:`pipeline.distributed.shard`); every rank
+            must be given the same batches. The logged loss is the global batch's.
     """
     import os
     import sys
@@ -57,8 +64,11 @@ def train(
 
     if progress is None:  # a bar only for people watching, not in CI logs or under --quiet
         progress = sys.stderr.isatty() and os.environ.get("DSPRUNE_PROGRESS", "1") != "0"
+    progress = progress and (distributed is None or distributed.is_main)  # one bar per launch
     device = next(model.parameters()).device
     use_bf16 = device.type == "cuda"
+    parallel = distributed is not None and distributed.enabled
+    runner = wrap(model, distributed) if parallel else model
     model.train()
     log, losses = [], []
     start = time.perf_counter()
@@ -70,10 +80,15 @@ def train(
                 break
             if on_step is not None:
                 on_step(step)
+            weight = 1.0
+            if parallel:
+                batch, weight = shard(batch, distributed)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             try:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = model(**batch).loss
+                    loss = runner(**batch).loss
+                if weight != 1.0:
+                    loss = loss * weight
                 loss.backward()
             except torch.OutOfMemoryError:
                 shape = tuple(batch["input_ids"].shape)
@@ -84,7 +99,7 @@ def train(
             if scheduler is not None:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(mean_over_ranks(loss, distributed) if parallel else loss.item())
             step += 1
             bar.update(1)
             if step % log_every == 0 or step == steps:
