@@ -1,18 +1,22 @@
 """Data-parallel gated fine-tuning: real 2-process gloo runs on the CPU against one-process runs.
 
-The launch test starts a real process group (gloo over the loopback), spawned through
-torch.multiprocessing at the library level.
+The launch tests start real process groups (gloo over the loopback): one spawned through
+torch.multiprocessing at the library level, one through ``torchrun`` on the ``dsprune finetune``
+command. Together they take about a minute here (2 shared cores).
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from conftest import make_tiny_bert
+from conftest import NO_NETWORK, ROOT, make_tiny_bert, run_cli
 from pipeline.distributed import Distributed, per_rank_batch_size, rank_seed, seed_gate_noise_, shard
 from pipeline.gates import GateConfig, add_head_gates_
 
@@ -140,3 +144,140 @@ def test_two_gloo_processes_train_as_one_with_the_same_effective_batch(tmp_path)
     assert torch.equal(ddp["mask"], single["mask"])
     assert "differs between rank 0 and rank(s) [1]" in ddp["out_of_sync"]
 
+
+# ------------------------------------------------------------------ torchrun on the finetune stage
+
+# A planted task in words: label 1 when "apple" occurs. After pre-training, every head but these two
+# has zero value weights (as in tests/test_methods.py), so only they carry the signal and any
+# correct head selection keeps exactly them, whatever the Gumbel noise of each rank.
+WORDS = "apple river stone cloud green table music paper horse light".split()
+PLANTED = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0]], dtype=torch.bool)
+
+
+def _planted_sentences(count: int, seed: int) -> list[tuple[str, int]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        words = [WORDS[i] for i in torch.randint(0, len(WORDS), (6,), generator=g)]
+        rows.append((" ".join(words), int("apple" in words)))
+    return rows
+
+
+def _write_tsv(path, rows):
+    path.write_text("sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows))
+
+
+@pytest.fixture(scope="module")
+def planted_run_config(tmp_path_factory, tokenizer):
+    """A run config over a tiny BERT that has learned the planted task through the two planted heads."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from pipeline.architectures import attention_parts
+    from pipeline.gates import add_fixed_mask_
+
+    folder = tmp_path_factory.mktemp("planted")
+    train_rows, dev_rows = _planted_sentences(480, 0), _planted_sentences(96, 1)
+    _write_tsv(folder / "train.tsv", train_rows)
+    _write_tsv(folder / "dev.tsv", dev_rows)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(config)
+    handles = add_fixed_mask_(model, PLANTED.float())
+
+    def encode(rows):
+        enc = tokenizer([text for text, _ in rows], return_tensors="pt")  # every sentence is 8 tokens
+        return {**enc, "labels": torch.tensor([label for _, label in rows])}
+
+    train, dev = encode(train_rows), encode(dev_rows)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(150):
+        rows = torch.arange(32) + 32 * (step % 15)
+        model(**{k: v[rows] for k, v in train.items()}).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        for part in attention_parts(model):
+            for head in range(part.num_heads):
+                if not PLANTED[part.layer, head]:
+                    rows = slice(head * part.head_dim, (head + 1) * part.head_dim)
+                    part.value.weight[rows] = 0
+                    part.value.bias[rows] = 0
+        model.eval()
+        accuracy = (model(**dev).logits.argmax(-1) == dev["labels"]).float().mean().item()
+    torch.set_num_threads(threads)
+    assert accuracy > 0.95  # the planted heads carry the task
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return {
+        "seed": 0,
+        "threads": 1,
+        "model": {"name": str(folder / "model")},
+        "data": {"task": "sst2", "train": str(folder / "train.tsv"), "dev": str(folder / "dev.tsv"),
+                 "max_seq_length": 16},
+        # The reference fine-tuning must leave the planted model as it is: a negligible learning rate.
+        "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-9},
+        # Pipelined DSP: the gates alone learn, 120 steps, the temperature falling over the first 60.
+        "prune": {"method": "dsp", "mode": "pipelined", "keep": 2, "epochs": 4, "gate_lr": 0.5,
+                  "cooldown_fraction": 0.5},
+        "bench": {"seqs": [16]},
+    }
+
+
+def _run_folder(config: dict, path):
+    from pipeline.config import config_from_dict
+    from pipeline.run import prepare_run_folder
+
+    return prepare_run_folder(config_from_dict({**config, "run_dir": str(path)})).path
+
+
+def _torchrun(*args, processes: int = 2):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DSPRUNE_PROGRESS": "0",
+           "PYTHONPATH": os.pathsep.join([str(NO_NETWORK), str(ROOT)])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "pipeline.cli", *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _files(run_dir):
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and p.name != "manifest.json")
+
+
+def test_torchrun_finetune_on_two_gloo_processes_keeps_the_one_process_mask(planted_run_config, tmp_path):
+    from pipeline.gates import harden
+
+    start = time.perf_counter()
+    two = _run_folder(planted_run_config, tmp_path / "two")
+    one = _run_folder(planted_run_config, tmp_path / "one")
+    launch = _torchrun("finetune", str(two))
+    single = run_cli("finetune", str(one), timeout=300)
+    stdout, stderr = launch.communicate(timeout=300)
+    print(f"torchrun (2 processes) and one process side by side: {time.perf_counter() - start:.1f}s")
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert launch.returncode == 0, stderr[-3000:]
+
+    masks, logits = {}, {}
+    for run_dir, processes in ((one, 1), (two, 2)):
+        gates = json.loads((run_dir / "finetune" / "gates.json").read_text())
+        logits[processes] = torch.tensor(gates["logits"])
+        masks[processes] = harden(logits[processes], 2)
+        metrics = json.loads((run_dir / "finetune" / "metrics.json").read_text())
+        assert metrics["processes"] == processes
+        assert metrics["gated_train"]["steps"] == 120  # the same global steps: the effective batch is 16
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert list(manifest["stages"]) == ["finetune"]
+    assert torch.equal(masks[1], PLANTED), masks[1].int().tolist()
+    assert torch.equal(masks[2], masks[1]), masks[2].int().tolist()
+    # Rank 1 drew its own Gumbel noise: with rank 0's noise on both ranks, the logits would repeat
+    # the one-process run's up to float rounding (as the straight-through run above shows).
+    assert not torch.allclose(logits[2], logits[1], rtol=0, atol=1e-2)
+    # Rank 0 alone wrote: the same files as one process, no stray temporary folder, one stage line.
+    assert _files(two) == _files(one)
+    assert stderr.count("[finetune] done") == 1, stderr[-3000:]
