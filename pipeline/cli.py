@@ -101,8 +101,15 @@ def run(ctx, config_path, overrides, force):
         return folder
 
     folder = _guarded(ctx.obj, action)
-    _log_finish(ctx.obj, folder.path)
-    _print_summary(folder.path)
+    if _is_main_process():
+        _log_finish(ctx.obj, folder.path)
+        _print_summary(folder.path)
+
+
+def _is_main_process() -> bool:
+    from pipeline.distributed import is_main_process
+
+    return is_main_process()
 
 
 def _log_finish(obj: dict, run_dir: Path) -> None:
@@ -137,11 +144,16 @@ def _stage_command(name: str):
     @click.pass_context
     def command(ctx, run_dir):
         def action():
+            from pipeline.distributed import launched
             from pipeline.run import RunFolder, check_gates
 
+            stage = _lookup(name)
+            if launched().enabled and not stage.distributed:
+                raise ValueError(f"dsprune {name} runs in one process; under torchrun or accelerate launch, "
+                                 "run `dsprune finetune RUN_DIR` or `dsprune run -c CONFIG`")
             folder = RunFolder(Path(run_dir))
             cfg = folder.config()
-            folder.run_stage(_lookup(name), cfg, log=ctx.obj["log"])
+            folder.run_stage(stage, cfg, log=ctx.obj["log"])
             if name == "report":
                 check_gates(folder)
             return folder

@@ -28,10 +28,11 @@ class Stage:
     module: str  # pipeline.stages.<module>, whose run(cfg, run_dir, out) does the work
     needs: tuple[str, ...]  # stages whose outputs it reads
     sections: tuple[str, ...]  # config sections that change its outputs
+    distributed: bool = False  # runs on every process of a torchrun / accelerate launch
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("finetune", "finetune", (), ("model", "data", "finetune", "prune", "threads")),
+    Stage("finetune", "finetune", (), ("model", "data", "finetune", "prune", "threads"), distributed=True),
     Stage("harden", "harden", ("finetune",), ("prune",)),
     Stage("prune", "prune", ("finetune", "harden"), ()),
     Stage("export", "export", ("finetune", "prune"), ("export",)),
@@ -149,11 +150,19 @@ class RunFolder:
 
     def _run_and_record(self, stage: Stage, cfg: RunConfig, started: float) -> dict:
         self.verify_inputs(stage)
+        module = importlib.import_module(f"pipeline.stages.{stage.module}")
+        from pipeline.distributed import is_main_process  # here: it imports torch
+
+        if not is_main_process():
+            # Ranks other than 0 of a launch train alongside rank 0 and touch nothing in the folder.
+            if not stage.distributed:
+                raise ValueError(f"stage {stage.name} runs in one process, on rank 0 of a launch")
+            module.run(cfg, self.path, None)
+            return {}
         tmp = self.path / f".{stage.name}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        module = importlib.import_module(f"pipeline.stages.{stage.module}")
         try:
             summary = module.run(cfg, self.path, tmp) or {}
         except OSError as err:
@@ -200,6 +209,10 @@ def prepare_run_folder(cfg: RunConfig) -> RunFolder:
 def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False, log=print) -> RunFolder:
     """Walk the stages in order, skipping those whose config and inputs are unchanged.
 
+    Under a multi-process launch (torchrun, accelerate launch) every process walks the distributed
+    stages (finetune) together, and the ranks other than 0 return after them: rank 0 alone writes
+    the folder and runs the remaining stages.
+
     Args:
         only: run just this stage (always, even when current).
         force: rerun every stage.
@@ -209,15 +222,24 @@ def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False
     Raises:
         GateFailed: from the report stage when a configured bound is crossed.
     """
-    folder = prepare_run_folder(cfg)
+    from pipeline.distributed import is_main_process  # here: it imports torch
+
+    main = is_main_process()
+    if main:
+        folder = prepare_run_folder(cfg)
+    else:
+        folder, log = RunFolder(Path(cfg.run_dir)), (lambda message: None)
     for stage in STAGES:
         if only is not None and stage.name != only:
+            continue
+        if not main and not stage.distributed:
             continue
         if only is None and not force and folder.is_current(stage, cfg):
             log(stage_skipped(stage.name))
             continue
         folder.run_stage(stage, cfg, log=log)
-    check_gates(folder)
+    if main:
+        check_gates(folder)
     return folder
 
 

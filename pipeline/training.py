@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.distributed import Distributed, mean_over_ranks, shard, wrap
 from pipeline.progress import progress_bar
 
 
@@ -45,17 +46,26 @@ def train(
     log_every: int = 50,
     progress: bool | None = None,
     description: str = "train",
+    distributed: Distributed | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps over batches drawn epoch after epoch.
 
     Args:
         epochs_of_batches: called with the epoch index, returns that epoch's batches (dicts with labels).
+            The model's loss must be a mean over the batch's examples.
         on_step: called with the step index before each forward (the gates' temperature follows it).
         progress: force the progress bar on or off; None shows it only on a terminal and not
             under ``--quiet`` (:func:`pipeline.progress.progress_enabled`).
+        distributed: in a multi-process launch, the model trains inside DistributedDataParallel and
+            each rank takes its rows of every batch (:func:`pipeline.distributed.shard`); every rank
+            must be given the same batches. The logged loss is the global batch's.
     """
+    if distributed is not None and not distributed.is_main:
+        progress = False  # one bar per launch
     device = next(model.parameters()).device
     use_bf16 = device.type == "cuda"
+    parallel = distributed is not None and distributed.enabled
+    runner = wrap(model, distributed) if parallel else model
     model.train()
     log, losses = [], []
     start = time.perf_counter()
@@ -67,10 +77,15 @@ def train(
                 break
             if on_step is not None:
                 on_step(step)
+            weight = 1.0
+            if parallel:
+                batch, weight = shard(batch, distributed)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             try:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = model(**batch).loss
+                    loss = runner(**batch).loss
+                if weight != 1.0:
+                    loss = loss * weight
                 loss.backward()
             except torch.OutOfMemoryError:
                 shape = tuple(batch["input_ids"].shape)
@@ -81,7 +96,7 @@ def train(
             if scheduler is not None:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(mean_over_ranks(loss, distributed) if parallel else loss.item())
             step += 1
             bar.update(1)
             if step % log_every == 0 or step == steps:

@@ -5,6 +5,11 @@ reference; scored methods (michel, michel-iterative, random) rank heads of the r
 
 Outputs: ``baseline/`` (the fine-tuned reference checkpoint), ``gated/`` (the weights trained
 with gates), ``gates.json`` (logits and schedule), ``metrics.json``, ``train_log.json``.
+
+Launched as N processes (``torchrun --nproc_per_node N -m pipeline.cli finetune RUN``, or
+``accelerate launch``), both trainings run data-parallel (:mod:`pipeline.distributed`) with
+``finetune.batch_size`` as the effective batch; rank 0 alone evaluates and writes the outputs
+(the other ranks get ``out=None``), and the hardened mask is checked equal on every rank.
 """
 from __future__ import annotations
 
@@ -15,16 +20,26 @@ import torch
 
 from pipeline import data
 from pipeline.config import RunConfig
+from pipeline.distributed import (
+    Distributed,
+    barrier,
+    check_same_on_every_rank,
+    launched,
+    per_rank_batch_size,
+    process_group,
+    rank_seed,
+    seed_gate_noise_,
+)
 from pipeline.evaluation import evaluate_torch, load_task_data
 from pipeline.architectures import feed_forward_parts
 from pipeline.methods import SCORED_METHODS, FfnBudget, select_heads
 from pipeline.models import load_classifier, load_tokenizer
 from pipeline.run import write_json_atomic
 from pipeline.surgery import save_pruned
-from pipeline.training import linear_warmup_decay, pick_device, steps_for, train
+from pipeline.training import linear_warmup_decay, steps_for, train
 
 
-def _plain_finetune(model, encoded, cfg: RunConfig):
+def _plain_finetune(model, encoded, cfg: RunConfig, dist: Distributed):
     ft = cfg.finetune
     steps = steps_for(ft.epochs, len(encoded.labels), ft.batch_size)
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
@@ -36,16 +51,21 @@ def _plain_finetune(model, encoded, cfg: RunConfig):
     return train(
         model,
         lambda epoch: data.batches(encoded, ft.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch),
-        steps=steps, optimizer=optimizer, scheduler=scheduler, description="finetune",
+        steps=steps, optimizer=optimizer, scheduler=scheduler, description="finetune", distributed=dist,
     )
 
 
-def _select_heads(model, encoded, cfg: RunConfig):
+def _select_heads(model, encoded, cfg: RunConfig, dist: Distributed):
     """Run ``prune.method`` on ``model``; trained methods train their gates (and, joint, the weights).
+
+    In a multi-process launch trained methods train data-parallel with per-rank gate noise; scored
+    methods run on rank 0 alone (the other ranks return None: they write nothing).
 
     Returns the :class:`pipeline.methods.Selection` and the training result (None for scored methods).
     """
     pr, ft = cfg.prune, cfg.finetune
+    if pr.method in SCORED_METHODS and not dist.is_main:
+        return None, None
     steps = steps_for(pr.epochs, len(encoded.labels), ft.batch_size)
 
     def batches(epoch):
@@ -58,6 +78,8 @@ def _select_heads(model, encoded, cfg: RunConfig):
     trained = {}
 
     def train_gates(model, gates):
+        if dist.enabled:
+            seed_gate_noise_(gates, cfg.seed + 1, dist)
         groups = [{"params": list(gates.parameters()), "lr": pr.gate_lr, "weight_decay": 0.0}]
         weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
         if pr.mode == "joint":
@@ -80,7 +102,7 @@ def _select_heads(model, encoded, cfg: RunConfig):
 
         try:
             trained["run"] = train(model, batches, steps=steps, optimizer=optimizer, scheduler=scheduler,
-                                   on_step=on_step, description=f"gates ({pr.method})")
+                                   on_step=on_step, description=f"gates ({pr.method})", distributed=dist)
         finally:
             for p in weights:
                 p.requires_grad_(True)
@@ -128,23 +150,38 @@ def check_model_fits(cfg: RunConfig) -> None:
 def run(cfg: RunConfig, run_dir, out):
     torch.set_num_threads(cfg.threads)
     check_model_fits(cfg)
-    device = pick_device()
+    per_rank_batch_size(cfg.finetune.batch_size, launched())
+    with process_group() as dist:
+        summary = _finetune_and_select(cfg, out, dist)
+        barrier(dist)  # the other ranks leave only once rank 0 has written every output
+    return summary
+
+
+def _finetune_and_select(cfg: RunConfig, out, dist: Distributed) -> dict:
+    device = dist.device
     tokenizer = load_tokenizer(cfg.model)
     task_data = load_task_data(cfg, tokenizer)
     encoded = task_data.train(cfg)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = load_classifier(cfg.model, task_data.task.num_labels, task_data.task.label_names).to(device)
     gated_start = copy.deepcopy(model) if cfg.prune.init == "pretrained" else None
-    baseline_run = _plain_finetune(model, encoded, cfg)
-    baseline_metrics = evaluate_torch(model, task_data)
-    save_pruned(model.cpu(), out / "baseline", tokenizer)
+    if dist.rank:  # each rank its own dropout; rank 0 draws as a one-process run does
+        torch.manual_seed(rank_seed(cfg.seed, dist.rank))
+    baseline_run = _plain_finetune(model, encoded, cfg, dist)
+    if dist.is_main:
+        baseline_metrics = evaluate_torch(model, task_data)
+        save_pruned(model.cpu(), out / "baseline", tokenizer)
 
     # Scored methods rank the heads of the fine-tuned reference, whatever prune.init says.
     scored = cfg.prune.method in SCORED_METHODS
     gated = (gated_start if gated_start is not None and not scored else model).to(device)
-    torch.manual_seed(cfg.seed + 1)
-    selection, gated_run = _select_heads(gated, encoded, cfg)
+    torch.manual_seed(rank_seed(cfg.seed + 1, dist.rank))
+    selection, gated_run = _select_heads(gated, encoded, cfg, dist)
+    if not scored:
+        check_same_on_every_rank(selection.mask, "the hardened head mask", dist)
+    if not dist.is_main:
+        return {}
     save_pruned(gated.cpu(), out / "gated", tokenizer)
 
     # harden takes the top K of these scores; the selected heads rank first whatever the method
@@ -178,6 +215,7 @@ def run(cfg: RunConfig, run_dir, out):
                         "final_loss": gated_run.final_loss, "seconds_per_step": gated_run.seconds / gated_run.steps}
         if gated_run else {"steps": 0},
         "device": str(device),
+        "processes": dist.world_size,
     }
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / "train_log.json", {"baseline": baseline_run.log, "gated": gated_run.log if gated_run else []})
