@@ -73,6 +73,10 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _silent(event) -> None:
+    pass
+
+
 class RunFolder:
     """A run folder: the resolved config, one subfolder per stage, and manifest.json."""
 
@@ -138,6 +142,10 @@ class RunFolder:
         missing = [n for n in stage.needs if n not in self.manifest()["stages"]]
         if missing:
             raise FileNotFoundError(f"{self.path}: stage {stage.name} needs {', '.join(missing)} to run first")
+        from pipeline.distributed import is_main_process  # here: it imports torch
+
+        if not is_main_process():
+            log = _silent  # one set of stage lines per launch: rank 0's
         log(stage_started(stage.name))
         started = time.time()
         try:
@@ -149,9 +157,10 @@ class RunFolder:
         return summary
 
     def _run_and_record(self, stage: Stage, cfg: RunConfig, started: float) -> dict:
+        from pipeline.distributed import is_main_process
+
         self.verify_inputs(stage)
         module = importlib.import_module(f"pipeline.stages.{stage.module}")
-        from pipeline.distributed import is_main_process  # here: it imports torch
 
         if not is_main_process():
             # Ranks other than 0 of a launch train alongside rank 0 and touch nothing in the folder.
