@@ -30,13 +30,15 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
+    # Only with a budget target: measures a cost table and plans prune.keep (run_pipeline applies it).
+    Stage("plan", "plan", (), ("model", "data", "prune", "export", "quantize", "bench", "budget")),
     Stage("finetune", "finetune", (), ("model", "data", "finetune", "prune", "threads")),
     Stage("harden", "harden", ("finetune",), ("prune",)),
     Stage("prune", "prune", ("finetune", "harden"), ()),
     Stage("export", "export", ("finetune", "prune"), ("export",)),
     Stage("quantize", "quantize", ("export",), ("quantize", "export")),  # export.parity_atol checks fused graphs
-    Stage("bench", "bench", ("finetune", "prune", "export", "quantize"), ("bench",)),
-    Stage("report", "report", ("finetune", "harden", "prune", "export", "quantize", "bench"), ("gates",)),
+    Stage("bench", "bench", ("finetune", "prune", "export", "quantize"), ("bench", "budget")),  # + the budget's shape
+    Stage("report", "report", ("finetune", "harden", "prune", "export", "quantize", "bench"), ("gates", "budget")),
     # artifact times the variants with bench's settings to pick model.onnx
     Stage("artifact", "artifact", ("finetune", "prune", "export", "quantize", "bench"), ("data", "quantize", "bench")),
 )
@@ -193,11 +195,22 @@ def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False
         only: run just this stage (always, even when current).
         force: rerun every stage.
 
+    With a ``budget`` target, the plan stage runs first and its K becomes ``prune.keep``.
+
     Raises:
-        GateFailed: from the report stage when a configured bound is crossed.
+        GateFailed: from the report stage when a configured bound (the budget included) is crossed.
+        BudgetUnreachable: the budget is predicted out of reach; raised before any training.
     """
     folder = prepare_run_folder(cfg)
     for stage in STAGES:
+        if stage.name == "plan":
+            if cfg.budget.active and only in (None, "plan"):
+                cfg = plan_budget(folder, cfg, force=force, log=log)
+            elif cfg.budget.active:
+                from pipeline.stages.plan import planned_config
+
+                cfg = planned_config(cfg, folder.path)  # a single later stage trains or checks the planned K
+            continue
         if only is not None and stage.name != only:
             continue
         if only is None and not force and folder.is_current(stage, cfg):
@@ -207,6 +220,41 @@ def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False
         folder.run_stage(stage, cfg, log=log)
     check_gates(folder)
     return folder
+
+
+def plan_budget(folder: RunFolder, cfg: RunConfig, *, force: bool = False, log=print, refuse: bool = True) -> RunConfig:
+    """Run (or skip, when current) the plan stage and return ``cfg`` with the planned K as ``prune.keep``.
+
+    The resolved config, planned K included, replaces ``config.json`` so that single-stage commands
+    on the folder train and harden the same K.
+
+    Args:
+        force: measure the cost table again even when the run folder holds one measured the same way.
+        refuse: raise when the budget is out of reach (``dsprune plan`` prints the curve first).
+
+    Raises:
+        BudgetUnreachable: ``refuse`` and no allowed K is predicted to meet the budget (exit 2).
+    """
+    from pipeline.budget import BudgetUnreachable
+    from pipeline.stages.plan import planned_config
+
+    stage = next(s for s in STAGES if s.name == "plan")
+    if force:
+        shutil.rmtree(folder.stage_dir(stage.name), ignore_errors=True)  # drops the cached cost table
+    if not force and folder.is_current(stage, cfg):
+        log(f"[{stage.name}] up to date, skipped")
+    else:
+        log(f"[{stage.name}] running")
+        folder.run_stage(stage, cfg, log=log)
+    try:
+        planned = planned_config(cfg, folder.path)
+    except BudgetUnreachable:
+        if refuse:
+            raise
+        return cfg
+    log(f"[{stage.name}] prune.keep = {planned.prune.keep} heads for the budget")
+    write_json_atomic(folder.path / "config.json", planned.to_dict())
+    return planned
 
 
 def check_gates(folder: RunFolder) -> None:
