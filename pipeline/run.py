@@ -236,7 +236,7 @@ def plan_budget(folder: RunFolder, cfg: RunConfig, *, force: bool = False, log=p
         BudgetUnreachable: ``refuse`` and no allowed K is predicted to meet the budget (exit 2).
     """
     from pipeline.budget import BudgetUnreachable
-    from pipeline.stages.plan import planned_config
+    from pipeline.stages.plan import planned_config, read_plan
 
     stage = next(s for s in STAGES if s.name == "plan")
     if force:
@@ -252,7 +252,10 @@ def plan_budget(folder: RunFolder, cfg: RunConfig, *, force: bool = False, log=p
         if refuse:
             raise
         return cfg
-    log(f"[{stage.name}] prune.keep = {planned.prune.keep} heads for the budget")
+    plan = read_plan(folder.path)
+    log(f"[{stage.name}] prune.keep = {planned.prune.keep}: predicted {plan['statistic'].removesuffix('_ms')} "
+        f"{plan['predicted_ms']:.3f} ms against {plan['target']['latency_ms']:.3f} ms with a "
+        f"{plan['target']['margin']:.0%} margin (fit max error {plan['fit']['max_rel_error']:.1%})")
     write_json_atomic(folder.path / "config.json", planned.to_dict())
     return planned
 
