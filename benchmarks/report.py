@@ -464,6 +464,7 @@ def _budget_markdown(report: dict) -> list[str]:
         f"- Cost table measured {model['measured']}, load average "
         f"{' / '.join(f'{x:.2f}' for x in model['machine']['load_avg'])} on {model['machine']['cores']} cores.",
     ]
+    lines += [f"- **Warning:** {w}." for w in budget.get("warnings", [])]
     expected = budget.get("expected_metric")
     if expected:
         lines.append(f"- The study's {expected['metric']} at K {' and '.join(map(str, expected['keeps']))} "

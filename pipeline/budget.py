@@ -375,6 +375,30 @@ def unreachable_message(target: Target, plan: Plan, margin: float, *, fastest_me
     return f"{line} ({setting})"
 
 
+def measurement_warnings(points: Sequence[dict], *, cores: int, threads: int, fit: CostFit, margin: float) -> list[str]:
+    """Reasons not to trust a cost table: a busy machine, unstable rounds, or a fit looser than the margin.
+
+    The busy and unstable thresholds are the report's (:data:`benchmarks.report.BUSY_LOAD_FRACTION`,
+    :data:`benchmarks.report.MAX_SPREAD`); the timing's own threads do not count as load.
+    """
+    from benchmarks.report import BUSY_LOAD_FRACTION, MAX_SPREAD
+
+    warnings = []
+    busiest = max(p["load_avg"][0] for p in points)
+    if busiest - threads > BUSY_LOAD_FRACTION * cores:
+        warnings.append(f"the machine was busy while the cost table was timed (1-minute load up to {busiest:.2f} on "
+                        f"{cores} cores, {threads} of it the timing's): measure again on a quiet machine "
+                        "(dsprune plan --force)")
+    unstable = [p for p in points if p["spread"] > MAX_SPREAD]
+    if unstable:
+        warnings.append(f"{len(unstable)} of {len(points)} layouts varied over {MAX_SPREAD:g}x between rounds "
+                        f"(up to {max(p['spread'] for p in unstable):.2f}x)")
+    if fit.max_rel_error > margin:
+        warnings.append(f"the fit misses a measured point by {fit.max_rel_error:.1%}, more than the "
+                        f"{margin:.0%} margin")
+    return warnings
+
+
 # --- what the study says about a K ----------------------------------------------------------------
 
 

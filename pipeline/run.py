@@ -230,7 +230,8 @@ def plan_budget(folder: RunFolder, cfg: RunConfig, *, force: bool = False, log=p
 
     Args:
         force: measure the cost table again even when the run folder holds one measured the same way.
-        refuse: raise when the budget is out of reach (``dsprune plan`` prints the curve first).
+        refuse: raise when the budget is out of reach, and log the planned K and any warning about the
+            cost table (``dsprune plan`` passes False: it prints the whole plan, curve included).
 
     Raises:
         BudgetUnreachable: ``refuse`` and no allowed K is predicted to meet the budget (exit 2).
@@ -246,17 +247,21 @@ def plan_budget(folder: RunFolder, cfg: RunConfig, *, force: bool = False, log=p
     else:
         log(f"[{stage.name}] running")
         folder.run_stage(stage, cfg, log=log)
+    plan = read_plan(folder.path)
+    if refuse:
+        for warning in plan.get("warnings", []):
+            log(f"[{stage.name}] warning: {warning}")
     try:
         planned = planned_config(cfg, folder.path)
     except BudgetUnreachable:
         if refuse:
             raise
         return cfg
-    plan = read_plan(folder.path)
-    log(f"[{stage.name}] prune.keep = {planned.prune.keep}: predicted {plan['statistic'].removesuffix('_ms')} "
-        f"{plan['predicted_ms']:.3f} ms against {plan['target']['latency_ms']:.3f} ms with a "
-        f"{plan['target']['margin']:.0%} margin (fit max error {plan['fit']['max_rel_error']:.1%})")
     write_json_atomic(folder.path / "config.json", planned.to_dict())
+    if refuse:
+        log(f"[{stage.name}] prune.keep = {planned.prune.keep}: predicted {plan['statistic'].removesuffix('_ms')} "
+            f"{plan['predicted_ms']:.3f} ms against {plan['target']['latency_ms']:.3f} ms with a "
+            f"{plan['target']['margin']:.0%} margin (fit max error {plan['fit']['max_rel_error']:.1%})")
     return planned
 
 

@@ -168,6 +168,20 @@ def test_throughput_and_relative_budgets():
         resolve_target("latency_fraction", 0.5, percentile="p50", batch=1)
 
 
+def test_a_busy_or_unstable_table_or_a_loose_fit_is_flagged():
+    from pipeline.budget import measurement_warnings
+
+    quiet = [{"load_avg": [2.4, 1, 1], "spread": 1.1}, {"load_avg": [2.0, 1, 1], "spread": 1.2}]
+    assert measurement_warnings(quiet, cores=2, threads=2, fit=_fit(1, 1), margin=0.05) == []
+    busy = [{"load_avg": [5.6, 4, 3], "spread": 1.77}, {"load_avg": [2.0, 1, 1], "spread": 1.0}]
+    loose = dataclasses.replace(_fit(1, 1), max_rel_error=0.211)
+    warnings = measurement_warnings(busy, cores=2, threads=2, fit=loose, margin=0.05)
+    assert len(warnings) == 3
+    assert warnings[0].startswith("the machine was busy while the cost table was timed (1-minute load up to 5.60")
+    assert warnings[1] == "1 of 2 layouts varied over 1.2x between rounds (up to 1.77x)"
+    assert warnings[2] == "the fit misses a measured point by 21.1%, more than the 5% margin"
+
+
 def test_expected_metric_brackets_the_planned_k():
     rows = [{"kind": "row", "variant": "dsp:joint", "task": "sst2", "metric": "accuracy", "keep": k, "value": v}
             for k, v in ((36, 0.88), (36, 0.90), (54, 0.89), (54, 0.91), (72, 0.92))]

@@ -116,6 +116,8 @@ def make_plan(cfg: RunConfig, costs: dict, num_layers: int, heads_per_layer: int
         "unpruned_measured_ms": unpruned[target.statistic] if unpruned else None,
         "curve": plan.curve,
         "message": message,
+        "warnings": costs_lib.measurement_warnings(points, cores=costs["machine"]["cores"], threads=cfg.bench.threads,
+                                                   fit=fit, margin=budget.margin),
         "expected_metric": expected,
     }
 
@@ -211,6 +213,7 @@ def describe(plan: dict, costs: dict, *, curve_step: int | None = None) -> list[
     loo = fit["loo_rms_rel_error"]
     lines.append(f"Fit: {name} = {chosen.formula()}; max error {fit['max_rel_error']:.1%}, RMS {fit['rms_rel_error']:.1%}"
                  + (f", leave-one-out {loo:.1%}" if loo is not None else "") + f" ({plan['fit_choice']})")
+    lines += [f"Warning: {w}" for w in plan.get("warnings", [])]
     if plan["reachable"]:
         lines.append(f"Planned: keep {plan['keep']} of {plan['model']['heads_total']} heads, predicted {name} "
                      f"{plan['predicted_ms']:.3f} ms ({plan['predicted_with_margin_ms']:.3f} ms with the margin) "

@@ -153,6 +153,7 @@ def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, 
         "predicted_ms": plan["predicted_ms"],
         "curve": plan["curve"],
         "expected_metric": plan["expected_metric"],
+        "warnings": plan.get("warnings", []),
         "measured": {
             "keep": int(shape["heads"]), "empty_layers": int(shape["empty_layers"]), "kept_per_layer": layout,
             "value_ms": value_ms, "predicted_ms": fit.predict(shape), "baseline_ms": baseline_ms,
