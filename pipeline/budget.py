@@ -376,7 +376,7 @@ def unreachable_message(target: Target, plan: Plan, margin: float, *, fastest_me
 
 
 def measurement_warnings(points: Sequence[dict], *, cores: int, threads: int, fit: CostFit, margin: float) -> list[str]:
-    """Reasons not to trust a cost table: a busy machine, unstable rounds, or a fit looser than the margin.
+    """Reasons not to trust a cost table: a busy machine, unstable rounds, or a fit whose RMS error exceeds the margin.
 
     The busy and unstable thresholds are the report's (:data:`benchmarks.report.BUSY_LOAD_FRACTION`,
     :data:`benchmarks.report.MAX_SPREAD`); the timing's own threads do not count as load.
@@ -393,9 +393,10 @@ def measurement_warnings(points: Sequence[dict], *, cores: int, threads: int, fi
     if unstable:
         warnings.append(f"{len(unstable)} of {len(points)} layouts varied over {MAX_SPREAD:g}x between rounds "
                         f"(up to {max(p['spread'] for p in unstable):.2f}x)")
-    if fit.max_rel_error > margin:
-        warnings.append(f"the fit misses a measured point by {fit.max_rel_error:.1%}, more than the "
-                        f"{margin:.0%} margin")
+    # The typical error, not the worst: the worst point is often K = 0, which no plan can choose.
+    if fit.rms_rel_error > margin:
+        warnings.append(f"the fit misses the measured points by {fit.rms_rel_error:.1%} RMS (up to "
+                        f"{fit.max_rel_error:.1%}), more than the {margin:.0%} margin")
     return warnings
 
 

@@ -174,12 +174,14 @@ def test_a_busy_or_unstable_table_or_a_loose_fit_is_flagged():
     quiet = [{"load_avg": [2.4, 1, 1], "spread": 1.1}, {"load_avg": [2.0, 1, 1], "spread": 1.2}]
     assert measurement_warnings(quiet, cores=2, threads=2, fit=_fit(1, 1), margin=0.05) == []
     busy = [{"load_avg": [5.6, 4, 3], "spread": 1.77}, {"load_avg": [2.0, 1, 1], "spread": 1.0}]
-    loose = dataclasses.replace(_fit(1, 1), max_rel_error=0.211)
+    loose = dataclasses.replace(_fit(1, 1), max_rel_error=0.211, rms_rel_error=0.12)
     warnings = measurement_warnings(busy, cores=2, threads=2, fit=loose, margin=0.05)
     assert len(warnings) == 3
     assert warnings[0].startswith("the machine was busy while the cost table was timed (1-minute load up to 5.60")
     assert warnings[1] == "1 of 2 layouts varied over 1.2x between rounds (up to 1.77x)"
-    assert warnings[2] == "the fit misses a measured point by 21.1%, more than the 5% margin"
+    assert warnings[2] == "the fit misses the measured points by 12.0% RMS (up to 21.1%), more than the 5% margin"
+    assert measurement_warnings(quiet, cores=2, threads=2, fit=dataclasses.replace(loose, rms_rel_error=0.04),
+                                margin=0.05) == []
 
 
 def test_expected_metric_brackets_the_planned_k():
@@ -239,7 +241,7 @@ def _fake_run(tmp_path, overrides, pruned_p50):
 
     run_dir = tmp_path / "run"
     cfg = load_config(BUDGET_CONFIG, [f"run_dir={run_dir}", "bench.engines=[onnx-int8]", "bench.batches=[1]",
-                                      *overrides])
+                                      "budget.margin=0.05", *overrides])
     costs = {"key": {}, "measured": "2026-05-09T12:00:00+00:00",
              "machine": {"cores": 2, "load_avg": [0.4, 0.5, 0.6], "cpu": "test"},
              "points": [{**p, "p90_ms": p["p50_ms"] * 1.1, "p99_ms": p["p50_ms"] * 1.2, "mean_ms": p["p50_ms"],
@@ -327,7 +329,7 @@ def _cached_costs(run_dir, overrides, cost):
 
 def test_plan_command_prints_k_and_the_curve_and_refuses_the_unreachable(tmp_path):
     run_dir = tmp_path / "run"
-    overrides = ["budget.latency_fraction=null", "budget.latency_ms=8"]
+    overrides = ["budget.margin=0.05", "budget.latency_fraction=null", "budget.latency_ms=8"]
     _cached_costs(run_dir, overrides, lambda k, e: 4.0 + 0.0625 * k)
     args = ("plan", "-c", str(BUDGET_CONFIG), "--set", f"run_dir={run_dir}", *sum((["--set", o] for o in overrides), []))
     result = run_cli(*args)
