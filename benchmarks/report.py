@@ -648,10 +648,14 @@ def plot_budget(report: dict, path) -> Path:
             ax.scatter([p["keep"] for p in chosen], [p["value_ms"] for p in chosen], marker=marker, s=40,
                        color=_BASELINE_COLOR, edgecolor="black", linewidth=0.6, zorder=3, label=label)
     bound = target["latency_ms"]
-    ax.axhline(bound, color="#c0392b", linewidth=1.2, label=f"budget {bound:.2f} ms")
+    relative = f" ({target['value']:g} x unpruned in the cost table)" if target["field"] == "latency_fraction" else ""
+    ax.axhline(bound, color="#c0392b", linewidth=1.2, label=f"budget {bound:.2f} ms{relative}")
     ax.axhline(bound / (1 + target["margin"]), color="#c0392b", linewidth=0.9, linestyle="--",
                label=f"budget less {target['margin']:.0%} margin")
     ax.axvline(budget["planned_keep"], color="grey", linewidth=0.8, linestyle=":")
+    unpruned = max(p["keep"] for p in model["points"])  # the plan always times the unpruned layout
+    ax.scatter([unpruned], [measured["baseline_ms"]], marker="D", s=40, facecolor="none", edgecolor=_PRUNED_COLOR,
+               linewidth=1.2, zorder=4, label=f"unpruned, timed beside it: {measured['baseline_ms']:.2f} ms")
     ax.scatter([measured["keep"]], [measured["value_ms"]], marker="*", s=180, color=_PRUNED_COLOR,
                edgecolor="black", linewidth=0.6, zorder=4,
                label=f"final model: {measured['keep']} heads, {measured['value_ms']:.2f} ms")

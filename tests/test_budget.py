@@ -357,27 +357,47 @@ def test_plan_command_prints_k_and_the_curve_and_refuses_the_unreachable(tmp_pat
 
 
 @pytest.mark.integration
-def test_plan_measures_a_cost_table_on_this_machine(tmp_path, tokenizer):
-    """The real path on the tiny model: 7 layouts built, quantized and timed in fresh processes."""
-    from conftest import make_tiny_bert
+def test_run_with_a_budget_trains_the_planned_k_and_checks_it(tmp_path, tokenizer):
+    """dsprune run end to end on the tiny model: a real cost table, the planned K trained, the budget's
+    shape timed and gated; then a rerun skips everything and an impossible budget stops before training."""
+    from conftest import GLUE, make_tiny_bert
     from pipeline.surgery import save_pruned
 
+    if not (GLUE / "SST-2").is_dir():
+        pytest.skip("needs ../shared/data/glue/SST-2")
     model_dir = save_pruned(make_tiny_bert(), tmp_path / "tiny", tokenizer)
+    run_dir = tmp_path / "run"
     config = tmp_path / "tiny-budget.yaml"
-    config.write_text(f"run_dir: {tmp_path / 'run'}\nmodel: {{name: {model_dir}}}\n"
-                      "bench: {warmup: 1, runs: 3, rounds: 1}\n"
-                      "budget: {latency_ms: 1000, batch: 1, seq: 32, margin: 0.05}\n")
-    result = run_cli("plan", "-c", str(config))
+    config.write_text(f"run_dir: {run_dir}\nmodel: {{name: {model_dir}}}\n"
+                      "data: {max_train_examples: 32, max_eval_examples: 32, max_seq_length: 16}\n"
+                      "finetune: {batch_size: 16}\nquantize: {presets: [int8-dynamic]}\n"
+                      "bench: {batches: [1], seqs: [16], warmup: 1, runs: 3, rounds: 1, engines: [torch-fp32]}\n"
+                      "gates: {max_metric_drop: null}\n"
+                      "budget: {latency_ms: 1000, batch: 1, seq: 24, engine: onnx-int8}\n")
+    result = run_cli("run", "-c", str(config))
+    # prune.keep's default (36) exceeds the tiny model's 8 heads: the run only works with the planned K.
     assert result.returncode == 0, result.stderr[-2000:]
-    costs = json.loads((tmp_path / "run" / "plan" / "costs.json").read_text())
+    costs = json.loads((run_dir / "plan" / "costs.json").read_text())  # timed on this machine
     assert [(p["keep"], p["empty_layers"]) for p in costs["points"]] == [
         (8, 0), (6, 0), (4, 0), (4, 1), (2, 0), (2, 1), (0, 2)]
     assert all(0 < p["p50_ms"] <= p["p99_ms"] and len(p["rounds_p50_ms"]) == 1 for p in costs["points"])
-    assert len(costs["machine"]["load_avg"]) == 3 and costs["key"]["engine"] == "onnx-int8"
-    assert "Planned: keep 8 of 8 heads" in result.stdout and "Cost table: 7 layouts measured" in result.stdout
-    # A new target reuses the table: no timing, the same points.
-    again = run_cli("plan", "-c", str(config), "--set", "budget.latency_ms=900")
-    assert again.returncode == 0, again.stderr[-2000:]
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["stages"]["plan"]["summary"]["cost_table"] == "reused"
-    assert json.loads((tmp_path / "run" / "plan" / "costs.json").read_text()) == costs
+    assert len(costs["machine"]["load_avg"]) == 3 and costs["key"]["seq"] == 24
+    plan = json.loads((run_dir / "plan" / "plan.json").read_text())
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert plan["keep"] == 8 == report["model"]["heads_kept"] == report["budget"]["planned_keep"]
+    assert json.loads((run_dir / "config.json").read_text())["prune"]["keep"] == 8
+    rows = [json.loads(line) for line in (run_dir / "bench" / "rows.jsonl").read_text().splitlines()]
+    assert {(r["variant"], r["seq"]) for r in rows} == {
+        (f"{m}/{e}", s) for m in ("baseline", "pruned") for e in ("torch-fp32", "onnx-int8") for s in (16, 24)}
+    gate = report["gates"][0]
+    assert gate["name"] == "budget.latency_ms (pruned/onnx-int8 p50 ms, batch 1, seq 24)" and gate["passed"]
+    assert gate["value"] == next(r["p50_ms"] for r in rows if r["variant"] == "pruned/onnx-int8" and r["seq"] == 24)
+    assert "[plan] prune.keep = 8: predicted p50" in result.stderr
+
+    again = run_cli("run", "-c", str(config))
+    assert again.returncode == 0 and again.stderr.count("up to date, skipped") == 9, again.stderr[-2000:]
+    # An impossible budget: the plan reruns on the cached table and the run stops before training, exit 2.
+    refused = run_cli("run", "-c", str(config), "--set", "budget.latency_ms=0.001")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "[finetune]" not in refused.stderr and "is out of reach on this machine" in refused.stderr
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["plan"]["summary"]["cost_table"] == "reused"
