@@ -29,9 +29,10 @@ class Stage:
     sections: tuple[str, ...]  # config sections that change its outputs
 
 
+# Before STAGES, only with a budget target: measures a cost table and plans prune.keep, which
+# run_pipeline then applies to the config every later stage gets (plan_budget).
+PLAN_STAGE = Stage("plan", "plan", (), ("model", "data", "prune", "export", "quantize", "bench", "budget"))
 STAGES: tuple[Stage, ...] = (
-    # Only with a budget target: measures a cost table and plans prune.keep (run_pipeline applies it).
-    Stage("plan", "plan", (), ("model", "data", "prune", "export", "quantize", "bench", "budget")),
     Stage("finetune", "finetune", (), ("model", "data", "finetune", "prune", "threads")),
     Stage("harden", "harden", ("finetune",), ("prune",)),
     Stage("prune", "prune", ("finetune", "harden"), ()),
@@ -202,15 +203,13 @@ def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False
         BudgetUnreachable: the budget is predicted out of reach; raised before any training.
     """
     folder = prepare_run_folder(cfg)
-    for stage in STAGES:
-        if stage.name == "plan":
-            if cfg.budget.active and only in (None, "plan"):
-                cfg = plan_budget(folder, cfg, force=force, log=log)
-            elif cfg.budget.active:
-                from pipeline.stages.plan import planned_config
+    if cfg.budget.active and only is None:
+        cfg = plan_budget(folder, cfg, force=force, log=log)
+    elif cfg.budget.active:
+        from pipeline.stages.plan import planned_config
 
-                cfg = planned_config(cfg, folder.path)  # a single later stage trains or checks the planned K
-            continue
+        cfg = planned_config(cfg, folder.path)  # a single later stage trains or checks the planned K
+    for stage in STAGES:
         if only is not None and stage.name != only:
             continue
         if only is None and not force and folder.is_current(stage, cfg):
@@ -239,7 +238,7 @@ def plan_budget(folder: RunFolder, cfg: RunConfig, *, force: bool = False, log=p
     from pipeline.budget import BudgetUnreachable
     from pipeline.stages.plan import planned_config, read_plan
 
-    stage = next(s for s in STAGES if s.name == "plan")
+    stage = PLAN_STAGE
     if force:
         shutil.rmtree(folder.stage_dir(stage.name), ignore_errors=True)  # drops the cached cost table
     if not force and folder.is_current(stage, cfg):
