@@ -21,7 +21,8 @@ ENGINE_FILES = {"torch-fp32": "torch", "onnx-fp32": "onnxruntime", "onnx-int8": 
 INT8_PRESET = "int8-dynamic"
 
 
-def build_layout(model, layout, folder: Path, *, engine: str, opset: int = 18, graph: str = "plain") -> tuple[str, Path]:
+def build_layout(model, layout, folder: Path, *, engine: str, opset: int = 18,
+                 graph: str = "plain") -> tuple[str, Path]:
     """Cut ``layout`` from a copy of ``model`` and write the file ``engine`` runs.
 
     Args:

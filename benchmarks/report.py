@@ -643,7 +643,9 @@ def plot_budget(report: dict, path) -> Path:
         ax.plot([p["keep"] for p in curve], [p["best_ms"] for p in curve], color="#1f5fa8", linewidth=1.0,
                 linestyle=":", label="fit, most layers emptied")
     for packed, marker, label in ((False, "o", "measured, heads spread"), (True, "s", "measured, layers emptied")):
-        chosen = [p for p in model["points"] if (p["empty_layers"] > max(0, len(p["kept_per_layer"]) - p["keep"])) == packed]
+        # Packed layouts empty more layers than K heads spread evenly would.
+        chosen = [p for p in model["points"]
+                  if (p["empty_layers"] > max(0, len(p["kept_per_layer"]) - p["keep"])) == packed]
         if chosen:
             ax.scatter([p["keep"] for p in chosen], [p["value_ms"] for p in chosen], marker=marker, s=40,
                        color=_BASELINE_COLOR, edgecolor="black", linewidth=0.6, zorder=3, label=label)

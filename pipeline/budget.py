@@ -67,7 +67,8 @@ def concentrated_layout(keep: int, num_layers: int, heads_per_layer: int) -> tup
 
 def _check_keep(keep: int, num_layers: int, heads_per_layer: int) -> None:
     if not 0 <= keep <= num_layers * heads_per_layer:
-        raise ValueError(f"keep {keep} outside 0..{num_layers * heads_per_layer} ({num_layers} x {heads_per_layer} heads)")
+        raise ValueError(f"keep {keep} outside 0..{num_layers * heads_per_layer} "
+                         f"({num_layers} x {heads_per_layer} heads)")
 
 
 def kept_heads_for_layout(layout: Sequence[int]) -> dict[int, list[int]]:

@@ -350,6 +350,10 @@ def test_plan_command_prints_k_and_the_curve_and_refuses_the_unreachable(tmp_pat
                            "machine: 1 head(s) are predicted at 4.06"), last  # 4 + 0.0625, fitted
     assert "every head removed it measured 4.000 ms (onnx-int8 on cpu, batch 1, seq 128, 2 threads)" in last
 
+    missing = run_cli(*args, "--set", "budget.study=nope.json")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == (
+        "dsprune: error: budget.study: 'nope.json' is not a file (a benchmarks/results/study-*.json)")
+
     # `dsprune run` refuses the same budget before any training, exit 2.
     run = run_cli("run", *args[1:-1], "budget.latency_ms=3.5")
     assert run.returncode == 2 and "is out of reach on this machine" in run.stderr.strip().splitlines()[-1]

@@ -127,6 +127,8 @@ def _check(cfg: RunConfig, num_layers: int, heads_per_layer: int, max_positions:
     if not budget.active:
         raise ValueError("budget: no target set; set budget.latency_ms, budget.latency_fraction or "
                          "budget.throughput_per_s")
+    if budget.study and not Path(budget.study).is_file():  # checked before minutes of timing
+        raise ValueError(f"budget.study: {budget.study!r} is not a file (a benchmarks/results/study-*.json)")
     if max_positions is not None and budget.seq > max_positions:
         raise ValueError(f"budget.seq: {budget.seq} exceeds the model's max_position_embeddings ({max_positions})")
     total = num_layers * heads_per_layer
@@ -170,8 +172,8 @@ def run(cfg: RunConfig, run_dir, out):
     write_json_atomic(out / COSTS, costs)
     plan = make_plan(cfg, costs, num_layers, heads_per_layer)
     write_json_atomic(out / PLAN, plan)
-    return {"cost_table": "reused" if reused else "measured", "keep": plan["keep"], "reachable": plan["reachable"], "predicted_ms": plan["predicted_ms"],
-            "fit_max_rel_error": plan["fit"]["max_rel_error"]}
+    return {"cost_table": "reused" if reused else "measured", "keep": plan["keep"], "reachable": plan["reachable"],
+            "predicted_ms": plan["predicted_ms"], "fit_max_rel_error": plan["fit"]["max_rel_error"]}
 
 
 def read_plan(run_dir) -> dict:
@@ -211,8 +213,8 @@ def describe(plan: dict, costs: dict, *, curve_step: int | None = None) -> list[
                      f"(spread {p['spread']:.2f}, load {p['load_avg'][0]:.2f})")
     chosen = costs_lib.CostFit.from_dict(fit)
     loo = fit["loo_rms_rel_error"]
-    lines.append(f"Fit: {name} = {chosen.formula()}; max error {fit['max_rel_error']:.1%}, RMS {fit['rms_rel_error']:.1%}"
-                 + (f", leave-one-out {loo:.1%}" if loo is not None else "") + f" ({plan['fit_choice']})")
+    lines.append(f"Fit: {name} = {chosen.formula()}; max error {fit['max_rel_error']:.1%}, "
+                 f"RMS {fit['rms_rel_error']:.1%}" + (f", leave-one-out {loo:.1%}" if loo is not None else "") + f" ({plan['fit_choice']})")
     lines += [f"Warning: {w}" for w in plan.get("warnings", [])]
     if plan["reachable"]:
         lines.append(f"Planned: keep {plan['keep']} of {plan['model']['heads_total']} heads, predicted {name} "
