@@ -23,7 +23,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import budget as costs_lib
+from pipeline import budget as planner
 from pipeline.config import RunConfig
 from pipeline.files import write_json_atomic
 
@@ -79,20 +79,20 @@ def make_plan(cfg: RunConfig, costs: dict, num_layers: int, heads_per_layer: int
     total = num_layers * heads_per_layer
     field_name = budget.target_fields[0]
     unpruned = next((p for p in points if p["keep"] == total), None)
-    target = costs_lib.resolve_target(field_name, getattr(budget, field_name), percentile=budget.percentile,
+    target = planner.resolve_target(field_name, getattr(budget, field_name), percentile=budget.percentile,
                                       batch=budget.batch, unpruned_ms=unpruned)
-    fit, fits, reason = costs_lib.fit_cost_model(points, target.statistic)
-    plan = costs_lib.plan_heads(fit, target, num_layers=num_layers, heads_per_layer=heads_per_layer,
+    fit, fits, reason = planner.fit_cost_model(points, target.statistic)
+    plan = planner.plan_heads(fit, target, num_layers=num_layers, heads_per_layer=heads_per_layer,
                                 margin=budget.margin, per_layer=cfg.prune.per_layer)
     fastest = min((p[target.statistic] for p in points if p["keep"] == 0), default=None)
     message = None
     if not plan.reachable:
-        message = costs_lib.unreachable_message(target, plan, budget.margin, fastest_measured_ms=fastest,
+        message = planner.unreachable_message(target, plan, budget.margin, fastest_measured_ms=fastest,
                                                 setting=setting(cfg))
     expected = None
     if plan.reachable and budget.study:
-        rows = costs_lib.read_study_rows(budget.study)
-        expected = costs_lib.expected_metric(rows, variant=costs_lib.study_variant(cfg.prune.method, cfg.prune.mode),
+        rows = planner.read_study_rows(budget.study)
+        expected = planner.expected_metric(rows, variant=planner.study_variant(cfg.prune.method, cfg.prune.mode),
                                              task=cfg.data.task.lower().replace("-", ""), keep=plan.keep)
         if expected is not None:
             expected["study"] = budget.study
@@ -116,7 +116,7 @@ def make_plan(cfg: RunConfig, costs: dict, num_layers: int, heads_per_layer: int
         "unpruned_measured_ms": unpruned[target.statistic] if unpruned else None,
         "curve": plan.curve,
         "message": message,
-        "warnings": costs_lib.measurement_warnings(points, cores=costs["machine"]["cores"], threads=cfg.bench.threads,
+        "warnings": planner.measurement_warnings(points, cores=costs["machine"]["cores"], threads=cfg.bench.threads,
                                                    fit=fit, margin=budget.margin),
         "expected_metric": expected,
     }
@@ -132,7 +132,7 @@ def _check(cfg: RunConfig, num_layers: int, heads_per_layer: int, max_positions:
     if max_positions is not None and budget.seq > max_positions:
         raise ValueError(f"budget.seq: {budget.seq} exceeds the model's max_position_embeddings ({max_positions})")
     total = num_layers * heads_per_layer
-    grid = budget.grid or costs_lib.default_grid(num_layers, heads_per_layer)
+    grid = budget.grid or planner.default_grid(num_layers, heads_per_layer)
     too_many = [k for k in grid if k > total]
     if too_many:
         raise ValueError(f"budget.grid: {too_many} exceed the model's {total} heads ({num_layers} x {heads_per_layer})")
@@ -149,7 +149,7 @@ def run(cfg: RunConfig, run_dir, out):
     run_dir, out = Path(run_dir), Path(out)
     num_layers, heads_per_layer, max_positions = _model_shape(cfg)
     grid = _check(cfg, num_layers, heads_per_layer, max_positions)
-    layouts = costs_lib.cost_layouts(grid, num_layers, heads_per_layer)
+    layouts = planner.cost_layouts(grid, num_layers, heads_per_layer)
     task = task_spec(cfg)
     num_labels = task.num_labels
     key = measurement_key(cfg, layouts, num_labels)
@@ -192,7 +192,7 @@ def planned_config(cfg: RunConfig, run_dir) -> RunConfig:
     """
     plan = read_plan(run_dir)
     if not plan["reachable"]:
-        raise costs_lib.BudgetUnreachable(plan["message"])
+        raise planner.BudgetUnreachable(plan["message"])
     return dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, keep=int(plan["keep"])))
 
 
@@ -211,7 +211,7 @@ def describe(plan: dict, costs: dict, *, curve_step: int | None = None) -> list[
     for p in costs["points"]:
         lines.append(f"  {p['keep']:>4} heads, {p['empty_layers']} empty layer(s): {name} {p[statistic]:.3f} ms "
                      f"(spread {p['spread']:.2f}, load {p['load_avg'][0]:.2f})")
-    chosen = costs_lib.CostFit.from_dict(fit)
+    chosen = planner.CostFit.from_dict(fit)
     loo = fit["loo_rms_rel_error"]
     lines.append(f"Fit: {name} = {chosen.formula()}; max error {fit['max_rel_error']:.1%}, "
                  f"RMS {fit['rms_rel_error']:.1%}" + (f", leave-one-out {loo:.1%}" if loo is not None else "") + f" ({plan['fit_choice']})")
@@ -240,7 +240,7 @@ def describe(plan: dict, costs: dict, *, curve_step: int | None = None) -> list[
         keeps = " and ".join(str(k) for k in expected["keeps"])
         lines.append(f"Expected {expected['metric']} at {plan['keep']} heads ({expected['variant']}, study rows at K "
                      f"{keeps}, n={expected['n']}, {expected['study']}): mean {expected['mean']:.4f}, "
-                     f"min {expected['min']:.4f}, max {expected['max']:.4f}")
+                     f"min {expected['min']:.4f}, max {expected['max']:.4f} (with the study's training recipe)")
     elif plan["reachable"]:
         lines.append("Expected metric: no study rows (set budget.study to a benchmarks/results/study-*.json)")
     return lines
