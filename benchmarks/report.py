@@ -82,6 +82,32 @@ _REPORT = {
     "created": str,
     "seed": int,
 }
+# Optional: present when the run had a latency budget (added in place; the version is unchanged).
+_GATE = {"name": str, "value": float, "bound": float, "passed": bool}
+_BUDGET = {
+    "target": {
+        "field": _OneOf(("latency_ms", "latency_fraction", "throughput_per_s")), "value": float,
+        "statistic": _OneOf(("p50_ms", "p90_ms", "p99_ms", "mean_ms")), "latency_ms": float, "engine": str,
+        "device": _OneOf(("cpu", "cuda")), "batch": int, "seq": int, "threads": int, "margin": float,
+    },
+    "cost_model": {
+        "points": _ListOf({"keep": int, "empty_layers": int, "kept_per_layer": _ListOf(int), "value_ms": float,
+                           "fitted_ms": float, "spread": float, "load_avg": _ListOf(float, 3)}),
+        "fit": {"terms": _ListOf(str), "coefficients": _MapOf(float), "max_rel_error": float,
+                "rms_rel_error": float, "loo_rms_rel_error": _Nullable(float), "points": int},
+        "fit_choice": str,
+        "measured": str,
+        "machine": {"cores": int, "load_avg": _ListOf(float, 3)},
+    },
+    "planned_keep": int,
+    "predicted_ms": float,
+    "curve": _ListOf({"keep": int, "predicted_ms": float, "best_ms": float}),
+    "measured": {"keep": int, "empty_layers": int, "kept_per_layer": _ListOf(int), "value_ms": float,
+                 "predicted_ms": float, "baseline_ms": float, "throughput_per_s": float, "spread": float,
+                 "load_avg": _ListOf(float, 3)},
+    "gate": _GATE,
+}
+BUDGET_PLOT = "budget.png"
 
 
 def _fail(path: str, problem: str) -> None:
@@ -144,6 +170,12 @@ def validate_report(report: dict) -> None:
             ``report.json: field 'variants[2].latency[0].p50_ms' is missing``.
     """
     _check(report, _REPORT, "")
+    if "budget" in report:
+        _check(report["budget"], _BUDGET, "budget")
+        fit = report["budget"]["cost_model"]["fit"]
+        missing = [t for t in fit["terms"] if t not in fit["coefficients"]]
+        if missing:
+            _fail("budget.cost_model.fit.coefficients", f"lacks the terms {missing}")
     if report["schema"] != SCHEMA:
         _fail("schema", f"is {report['schema']!r}; this dsprune reads {SCHEMA!r}")
     try:
@@ -442,6 +474,9 @@ def write_markdown(report: dict, path) -> Path:
         else:
             lines += ["", f"Every pruned variant reaches at least {EFFICIENCY_FLOOR:g} of its FLOP ideal."]
 
+    if "budget" in report:
+        lines += ["", *_budget_markdown(report)]
+
     lines += ["", "## Gates", ""]
     lines += _table(["Gate", "Value", "Bound", "Result"],
                     [[g["name"], f"{g['value']:.4g}", f"{g['bound']:.4g}", "PASS" if g["passed"] else "**FAIL**"]
@@ -467,6 +502,56 @@ def write_markdown(report: dict, path) -> Path:
               "- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items())),
               f"- Created {report['created']}, seed {report['seed']}; schema {report['schema']}", ""]
     return _write_bytes_atomic(Path(path), "\n".join(lines).encode())
+
+
+def _budget_markdown(report: dict) -> list[str]:
+    budget = report["budget"]
+    target, model, measured, gate = budget["target"], budget["cost_model"], budget["measured"], budget["gate"]
+    statistic = target["statistic"].removesuffix("_ms")
+    fit = model["fit"]
+    setting = (f"{target['engine']} on {target['device']}, batch {target['batch']}, seq {target['seq']}, "
+               f"{target['threads']} threads")
+    if target["field"] == "throughput_per_s":
+        asked = f"throughput >= {target['value']:g} sequences/s (mean <= {target['latency_ms']:.3f} ms per call)"
+        got = f"{measured['throughput_per_s']:.1f} sequences/s (mean {measured['value_ms']:.3f} ms)"
+    elif target["field"] == "latency_fraction":
+        asked = (f"{statistic} <= {target['value']:g} x the unpruned model ({target['latency_ms']:.3f} ms when the "
+                 "cost table was measured)")
+        got = (f"{statistic} {measured['value_ms']:.3f} ms = {measured['value_ms'] / measured['baseline_ms']:.3f} x "
+               f"the unpruned {measured['baseline_ms']:.3f} ms timed beside it")
+    else:
+        asked = f"{statistic} <= {target['value']:g} ms"
+        got = f"{statistic} {measured['value_ms']:.3f} ms"
+    terms = ", ".join(f"{t.replace('_', ' ')} {fit['coefficients'][t]:+.4f}" for t in fit["terms"])
+    loo = fit["loo_rms_rel_error"]
+    lines = [
+        "## Latency budget", "",
+        f"- Budget: {asked}; {setting}; planning margin {target['margin']:.0%}.",
+        f"- Planned **{budget['planned_keep']} heads**, predicted {statistic} {budget['predicted_ms']:.3f} ms "
+        "(worst case over the layers a trained mask may empty).",
+        f"- Measured (bench stage, {measured['keep']} heads, {measured['empty_layers']} empty layer(s)): {got}; "
+        f"the cost model predicts {measured['predicted_ms']:.3f} ms for this mask. "
+        f"Budget **{'met' if gate['passed'] else 'MISSED'}**.",
+        f"- Cost model: {statistic} ms = {terms} (ms per unit; {fit['points']} points, {model['fit_choice']}); "
+        f"max error {fit['max_rel_error']:.1%}, RMS {fit['rms_rel_error']:.1%}"
+        + (f", leave-one-out RMS {loo:.1%}" if loo is not None else "") + ".",
+        f"- Cost table measured {model['measured']}, load average "
+        f"{' / '.join(f'{x:.2f}' for x in model['machine']['load_avg'])} on {model['machine']['cores']} cores.",
+    ]
+    lines += [f"- **Warning:** {w}." for w in budget.get("warnings", [])]
+    expected = budget.get("expected_metric")
+    if expected:
+        lines.append(f"- The study's {expected['metric']} at K {' and '.join(map(str, expected['keeps']))} "
+                     f"({expected['variant']}, {expected['n']} rows): mean {expected['mean']:.4f}, "
+                     f"min {expected['min']:.4f}, max {expected['max']:.4f}.")
+    lines += ["", f"Cost table ({statistic}, each layout timed in its own process, rounds interleaved):", ""]
+    lines += _table(["Heads", "Empty layers", "Per layer", f"Measured {statistic} ms", "Fitted ms", "Error",
+                     "Spread", "Load"],
+                    [[str(p["keep"]), str(p["empty_layers"]), " ".join(map(str, p["kept_per_layer"])),
+                      f"{p['value_ms']:.3f}", f"{p['fitted_ms']:.3f}", f"{p['fitted_ms'] / p['value_ms'] - 1:+.1%}",
+                      f"{p['spread']:.2f}", f"{p['load_avg'][0]:.2f}"] for p in model["points"]])
+    lines += ["", f"![Latency against heads kept]({BUDGET_PLOT})"]
+    return lines
 
 
 # --- plots ------------------------------------------------------------------------------------
@@ -610,6 +695,55 @@ def plot_accuracy_latency(report: dict, path) -> Path:
     return _save_figure(fig, Path(path))
 
 
+def plot_budget(report: dict, path) -> Path:
+    """Latency against heads kept: the cost points, the fit, the budget line and the final measured point.
+
+    Args:
+        report: a valid report with a ``budget`` section.
+        path: where the PNG goes.
+
+    Returns:
+        The path written.
+    """
+    budget = report["budget"]
+    target, model, measured = budget["target"], budget["cost_model"], budget["measured"]
+    statistic = target["statistic"].removesuffix("_ms")
+    fig = _new_figure(7.0, 4.6)
+    ax = fig.subplots()
+    curve = sorted(budget["curve"], key=lambda p: p["keep"])
+    ax.plot([p["keep"] for p in curve], [p["predicted_ms"] for p in curve], color="#1f5fa8", linewidth=1.5,
+            label="fit, worst case over emptied layers")
+    if any(abs(p["best_ms"] - p["predicted_ms"]) > 1e-9 for p in curve):
+        ax.plot([p["keep"] for p in curve], [p["best_ms"] for p in curve], color="#1f5fa8", linewidth=1.0,
+                linestyle=":", label="fit, most layers emptied")
+    for packed, marker, label in ((False, "o", "measured, heads spread"), (True, "s", "measured, layers emptied")):
+        # Packed layouts empty more layers than K heads spread evenly would.
+        chosen = [p for p in model["points"]
+                  if (p["empty_layers"] > max(0, len(p["kept_per_layer"]) - p["keep"])) == packed]
+        if chosen:
+            ax.scatter([p["keep"] for p in chosen], [p["value_ms"] for p in chosen], marker=marker, s=40,
+                       color=_BASELINE_COLOR, edgecolor="black", linewidth=0.6, zorder=3, label=label)
+    bound = target["latency_ms"]
+    relative = f" ({target['value']:g} x unpruned in the cost table)" if target["field"] == "latency_fraction" else ""
+    ax.axhline(bound, color="#c0392b", linewidth=1.2, label=f"budget {bound:.2f} ms{relative}")
+    ax.axhline(bound / (1 + target["margin"]), color="#c0392b", linewidth=0.9, linestyle="--",
+               label=f"budget less {target['margin']:.0%} margin")
+    ax.axvline(budget["planned_keep"], color="grey", linewidth=0.8, linestyle=":")
+    unpruned = max(p["keep"] for p in model["points"])  # the plan always times the unpruned layout
+    ax.scatter([unpruned], [measured["baseline_ms"]], marker="D", s=40, facecolor="none", edgecolor=_PRUNED_COLOR,
+               linewidth=1.2, zorder=4, label=f"unpruned, timed beside it: {measured['baseline_ms']:.2f} ms")
+    ax.scatter([measured["keep"]], [measured["value_ms"]], marker="*", s=180, color=_PRUNED_COLOR,
+               edgecolor="black", linewidth=0.6, zorder=4,
+               label=f"final model: {measured['keep']} heads, {measured['value_ms']:.2f} ms")
+    ax.set_xlabel(f"heads kept (planned {budget['planned_keep']})")
+    ax.set_ylabel(f"{statistic} latency per call (ms)")
+    ax.set_title(f"{target['engine']}, batch {target['batch']}, seq {target['seq']}, {target['threads']} threads",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save_figure(fig, Path(path))
+
+
 # --- entry points -----------------------------------------------------------------------------
 
 
@@ -621,7 +755,8 @@ def write_report(report: dict, out_dir) -> dict[str, Path]:
         out_dir: the folder (created when missing).
 
     Returns:
-        Paths by name: ``json``, ``markdown``, ``latency``, ``head_mask``, ``accuracy_latency``.
+        Paths by name: ``json``, ``markdown``, ``latency``, ``head_mask``, ``accuracy_latency``, and
+        ``budget`` when the report has a budget section.
 
     Raises:
         ValueError: the report does not follow the schema (nothing is written then).
@@ -633,6 +768,8 @@ def write_report(report: dict, out_dir) -> dict[str, Path]:
     paths["latency"] = plot_latency(report, out / PLOT_FILES["latency"])
     paths["head_mask"] = plot_head_mask(report, out / PLOT_FILES["head_mask"])
     paths["accuracy_latency"] = plot_accuracy_latency(report, out / PLOT_FILES["accuracy_latency"])
+    if "budget" in report:
+        paths["budget"] = plot_budget(report, out / BUDGET_PLOT)
     paths["markdown"] = write_markdown(report, out / "report.md")
     return paths
 

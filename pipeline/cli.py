@@ -136,7 +136,49 @@ def _print_summary(run_dir: Path) -> None:
         for s in data["speedups"]:
             if s["variant"].startswith("pruned/"):
                 click.echo(f"  {s['variant']:<18} batch {s['batch']:>3}: {s['p50_ratio']:.2f}x vs {s['reference']}")
+        if "budget" in data:
+            gate = data["budget"]["gate"]
+            click.echo(f"  budget: {data['budget']['planned_keep']} heads planned; {gate['name']}: "
+                       f"{gate['value']:.4g} vs bound {gate['bound']:.4g}, {'met' if gate['passed'] else 'MISSED'}")
         click.echo(f"Report: {run_dir / 'report' / 'report.md'}")
+
+
+@main.command(name="plan")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), required=True,
+              help="YAML config with a budget section (see configs/sst2-minilm-budget.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Dotted override, e.g. budget.latency_fraction=0.85.")
+@click.option("--force", is_flag=True, help="Measure the cost table again even when the run folder holds one.")
+@click.pass_context
+def plan(ctx, config_path, overrides, force):
+    """Plan K for the config's latency budget, without training: the cost table, its fit, K, the curve.
+
+    The cost table is measured on this machine (or reused from the run folder) and kept there, so a
+    later `dsprune run` with the same config skips the measurement. Exits 2 when the budget is out
+    of reach, after printing the curve.
+    """
+
+    def action():
+        from pipeline.config import ConfigError, load_config
+        from pipeline.run import plan_budget, prepare_run_folder
+        from pipeline.stages.plan import read_costs, read_plan
+
+        cfg = load_config(config_path, overrides)
+        if not cfg.budget.active:
+            raise ConfigError(f"{config_path}: budget: no target set; set budget.latency_ms, "
+                              "budget.latency_fraction or budget.throughput_per_s")
+        folder = prepare_run_folder(cfg)
+        plan_budget(folder, cfg, force=force, log=ctx.obj["log"], refuse=False)
+        return read_plan(folder.path), read_costs(folder.path)
+
+    planned, costs = _guarded(ctx.obj["debug"], action)
+    from pipeline.stages.plan import describe
+
+    for line in describe(planned, costs):
+        click.echo(line)
+    if not planned["reachable"]:
+        click.echo(f"dsprune: error: {planned['message']}", err=True)
+        sys.exit(2)
 
 
 def _stage_command(name: str):

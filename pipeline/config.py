@@ -131,6 +131,40 @@ class GatesConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """A latency or throughput target that chooses ``prune.keep`` (pipeline.budget plans it).
+
+    Set one of ``latency_ms``, ``latency_fraction`` (of the unpruned model's latency on the same
+    engine, batch and sequence length) or ``throughput_per_s``; with none set there is no budget and
+    ``prune.keep`` is the head count. With a target set, ``prune.keep`` must not be given: the plan
+    stage measures a cost table on this machine and sets it.
+    """
+
+    latency_ms: float | None = None
+    latency_fraction: float | None = None
+    throughput_per_s: float | None = None  # sequences/s, from the mean per-call latency
+    batch: int = 1
+    seq: int = 128
+    engine: str = "onnx-int8"  # a bench engine: torch-fp32, onnx-fp32, onnx-int8
+    device: str = "cpu"
+    percentile: str = "p50"  # of latency budgets; throughput uses the mean
+    # The planned K's predicted latency x (1 + margin) must meet the target. On MiniLM one head is
+    # about 0.5% of the latency: 2% leaves room for a quiet machine's fit error (2.3% at worst, 1.3%
+    # RMS here) and keeps K within a step of 6 heads of the largest K that meets the target.
+    margin: float = 0.02
+    grid: tuple[int, ...] = ()  # heads kept in the timed layouts; empty: all, 3/4, 1/2, 1/4, none
+    study: str = ""  # a study result (benchmarks/results/study-*.json) for the expected metric at K
+
+    @property
+    def target_fields(self) -> tuple[str, ...]:
+        return tuple(f for f in ("latency_ms", "latency_fraction", "throughput_per_s") if getattr(self, f) is not None)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.target_fields)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run_dir: str = "runs/sst2-minilm"
     seed: int = 0
@@ -143,6 +177,7 @@ class RunConfig:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     source: str = ""  # the YAML file it came from (set by load_config)
 
     def to_dict(self) -> dict:
@@ -178,6 +213,37 @@ _CHECKS = {
     ("bench", "seqs"): lambda v: (len(v) > 0 and all(s >= 1 for s in v)) or "must list sequence lengths >= 1",
     ("bench", "batches"): lambda v: (len(v) > 0 and all(b >= 1 for b in v)) or "must list batch sizes >= 1",
 }
+_CHECKS.update({
+    ("budget", "latency_ms"): lambda v: v > 0 or "must be positive",
+    ("budget", "latency_fraction"): lambda v: 0 < v <= 1 or "must be in (0, 1]",
+    ("budget", "throughput_per_s"): lambda v: v > 0 or "must be positive",
+    ("budget", "batch"): lambda v: v >= 1 or "must be >= 1",
+    ("budget", "seq"): lambda v: 1 <= v <= 512 or "must be in 1..512",
+    ("budget", "engine"): lambda v: v in ("torch-fp32", "onnx-fp32", "onnx-int8")
+    or "must be torch-fp32, onnx-fp32 or onnx-int8",
+    ("budget", "device"): lambda v: v == "cpu" or "must be cpu (the bench stage times on CPU only)",
+    ("budget", "percentile"): lambda v: v in ("p50", "p90", "p99") or "must be p50, p90 or p99",
+    ("budget", "margin"): lambda v: 0 <= v < 1 or "must be in [0, 1)",
+    ("budget", "grid"): lambda v: all(k >= 0 for k in v) or "must list head counts >= 0",
+})
+
+
+def _budget_problems(config: "RunConfig", data: dict) -> list[str]:
+    """Problems that span fields: one target at most; no explicit prune.keep beside it; its engine built."""
+    budget = config.budget
+    problems = []
+    if len(budget.target_fields) > 1:
+        problems.append(f"budget: set one of {', '.join('budget.' + f for f in budget.target_fields)}, not several")
+    if budget.active:
+        prune = data.get("prune") if isinstance(data, dict) else None
+        if isinstance(prune, dict) and "keep" in prune:
+            field_name = budget.target_fields[0]
+            problems.append(f"prune.keep: {prune['keep']!r} conflicts with budget.{field_name} "
+                            f"({getattr(budget, field_name)!r}); the budget plans the head count, remove one")
+        if budget.engine == "onnx-int8" and "int8-dynamic" not in config.quantize.presets:
+            problems.append(f"budget.engine: onnx-int8 is the int8-dynamic preset, missing from quantize.presets "
+                            f"{list(config.quantize.presets)}")
+    return problems
 
 
 def _coerce(value, hint, where: str, errors: list[str]):
@@ -287,6 +353,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     data = read_yaml_with_overrides(path, overrides)
     errors: list[str] = []
     config = _build(RunConfig, data, "", errors)
+    errors += _budget_problems(config, data)
     if not errors:
         errors += _cross_field_errors(config)
     if errors:

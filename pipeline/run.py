@@ -31,14 +31,17 @@ class Stage:
     distributed: bool = False  # runs on every process of a torchrun / accelerate launch
 
 
+# Before STAGES, only with a budget target: measures a cost table and plans prune.keep, which
+# run_pipeline then applies to the config every later stage gets (plan_budget).
+PLAN_STAGE = Stage("plan", "plan", (), ("model", "data", "prune", "export", "quantize", "bench", "budget"))
 STAGES: tuple[Stage, ...] = (
     Stage("finetune", "finetune", (), ("model", "data", "finetune", "prune", "threads"), distributed=True),
     Stage("harden", "harden", ("finetune",), ("prune",)),
     Stage("prune", "prune", ("finetune", "harden"), ()),
     Stage("export", "export", ("finetune", "prune"), ("export",)),
     Stage("quantize", "quantize", ("export",), ("quantize", "export")),  # export.parity_atol checks fused graphs
-    Stage("bench", "bench", ("finetune", "prune", "export", "quantize"), ("bench",)),
-    Stage("report", "report", ("finetune", "harden", "prune", "export", "quantize", "bench"), ("gates",)),
+    Stage("bench", "bench", ("finetune", "prune", "export", "quantize"), ("bench", "budget")),  # + the budget's shape
+    Stage("report", "report", ("finetune", "harden", "prune", "export", "quantize", "bench"), ("gates", "budget")),
     # artifact times the variants with bench's settings to pick model.onnx
     Stage("artifact", "artifact", ("finetune", "prune", "export", "quantize", "bench"), ("data", "quantize", "bench")),
 )
@@ -228,8 +231,11 @@ def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False
         log: receives a ``pipeline.events.Event`` per stage start, skip, finish and failure
             (``str(event)`` is the human line).
 
+    With a ``budget`` target, the plan stage runs first and its K becomes ``prune.keep``.
+
     Raises:
-        GateFailed: from the report stage when a configured bound is crossed.
+        GateFailed: from the report stage when a configured bound (the budget included) is crossed.
+        BudgetUnreachable: the budget is predicted out of reach; raised before any training.
     """
     from pipeline.distributed import is_main_process  # here: it imports torch
 
@@ -238,6 +244,12 @@ def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False
         folder = prepare_run_folder(cfg)
     else:
         folder, log = RunFolder(Path(cfg.run_dir)), (lambda message: None)
+    if cfg.budget.active and only is None and main:
+        cfg = plan_budget(folder, cfg, force=force, log=log)
+    elif cfg.budget.active:
+        from pipeline.stages.plan import planned_config
+
+        cfg = planned_config(cfg, folder.path)  # a single later stage (or another rank) trains the planned K
     for stage in STAGES:
         if only is not None and stage.name != only:
             continue
@@ -250,6 +262,49 @@ def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False
     if main:
         check_gates(folder)
     return folder
+
+
+def plan_budget(folder: RunFolder, cfg: RunConfig, *, force: bool = False, log=print, refuse: bool = True) -> RunConfig:
+    """Run (or skip, when current) the plan stage and return ``cfg`` with the planned K as ``prune.keep``.
+
+    The resolved config, planned K included, replaces ``config.json`` so that single-stage commands
+    on the folder train and harden the same K.
+
+    Args:
+        force: measure the cost table again even when the run folder holds one measured the same way.
+        refuse: raise when the budget is out of reach, and log the planned K and any warning about the
+            cost table (``dsprune plan`` passes False: it prints the whole plan, curve included).
+
+    Raises:
+        BudgetUnreachable: ``refuse`` and no allowed K is predicted to meet the budget (exit 2).
+    """
+    from pipeline.budget import BudgetUnreachable
+    from pipeline.stages.plan import planned_config, read_plan
+
+    stage = PLAN_STAGE
+    if force:
+        shutil.rmtree(folder.stage_dir(stage.name), ignore_errors=True)  # drops the cached cost table
+    if not force and folder.is_current(stage, cfg):
+        log(f"[{stage.name}] up to date, skipped")
+    else:
+        log(f"[{stage.name}] running")
+        folder.run_stage(stage, cfg, log=log)
+    plan = read_plan(folder.path)
+    if refuse:
+        for warning in plan.get("warnings", []):
+            log(f"[{stage.name}] warning: {warning}")
+    try:
+        planned = planned_config(cfg, folder.path)
+    except BudgetUnreachable:
+        if refuse:
+            raise
+        return cfg
+    write_json_atomic(folder.path / "config.json", planned.to_dict())
+    if refuse:
+        log(f"[{stage.name}] prune.keep = {planned.prune.keep}: predicted {plan['statistic'].removesuffix('_ms')} "
+            f"{plan['predicted_ms']:.3f} ms against {plan['target']['latency_ms']:.3f} ms with a "
+            f"{plan['target']['margin']:.0%} margin (fit max error {plan['fit']['max_rel_error']:.1%})")
+    return planned
 
 
 def check_gates(folder: RunFolder) -> None:

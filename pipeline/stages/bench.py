@@ -1,5 +1,8 @@
 """Stage bench: CPU latency of every variant, each configuration in its own process, interleaved.
 
+With a ``budget`` set, its engine and its (batch, seq) are timed too, whatever ``bench`` lists, so
+the report stage can check the measured latency against the budget.
+
 Writes flat rows (variant, engine, precision, device, threads, batch, seq, p50/p90/p99, throughput)
 to ``rows.jsonl`` and the machine description to ``machine.json``.
 """
@@ -22,7 +25,7 @@ def variant_files(cfg: RunConfig, run_dir) -> dict[str, tuple[str, str]]:
         "onnx-int8": {n: run_dir / "quantize" / f"{n}-int8-dynamic.onnx" for n in ("baseline", "pruned")},
     }
     out = {}
-    for engine in cfg.bench.engines:
+    for engine in dict.fromkeys((*cfg.bench.engines, *budget_engines(cfg))):
         if engine not in files:
             raise ValueError(f"bench.engines: unknown {engine!r}; valid: {', '.join(files)}")
         for model, path in files[engine].items():
@@ -30,12 +33,25 @@ def variant_files(cfg: RunConfig, run_dir) -> dict[str, tuple[str, str]]:
     return out
 
 
+def budget_engines(cfg: RunConfig) -> tuple[str, ...]:
+    """The budget's engine, timed whatever ``bench.engines`` lists, so the budget can be checked."""
+    return (cfg.budget.engine,) if cfg.budget.active else ()
+
+
+def shapes(cfg: RunConfig) -> list[tuple[int, int]]:
+    """(batch, seq) pairs to time: the bench grid, plus the budget's shape when a budget is set."""
+    grid = [(batch, seq) for seq in cfg.bench.seqs for batch in cfg.bench.batches]
+    if cfg.budget.active and (cfg.budget.batch, cfg.budget.seq) not in grid:
+        grid.append((cfg.budget.batch, cfg.budget.seq))
+    return grid
+
+
 def run(cfg: RunConfig, run_dir, out):
     b = cfg.bench
     variants = variant_files(cfg, run_dir)
     tokenizer = resolve_model_path(cfg.model)
     rows = []
-    grid = [(batch, seq) for seq in b.seqs for batch in b.batches]
+    grid = shapes(cfg)
 
     def tick(spec: dict) -> None:
         bar.set_postfix_str(f"{spec['variant']} batch {spec['batch']} seq {spec['seq']}", refresh=False)

@@ -1,6 +1,8 @@
 """Stage report: report.json (schema dsprune.report/1), report.md and plots, with the gates evaluated.
 
 The report is written whatever the gates say; ``run_pipeline`` then fails the run (exit 1) on a crossed bound.
+With a ``budget`` set, the report carries its cost model and the measured point, and the budget is
+one of the gates: a pruned model slower than the budget fails the run with the measured figure.
 """
 from __future__ import annotations
 
@@ -105,8 +107,79 @@ def build_report(cfg: RunConfig, run_dir: Path, *, created: str | None = None,
         }
     report["speedups"] = speedups(report)
     report["pruning_speedups"] = pruning_speedups(variants, pruned["flops_per_token"])
+    if cfg.budget.active:
+        report["budget"] = budget_section(cfg, run_dir, rows, kept, len(mask["mask"]))
     report["gates"] = evaluate_gates(cfg, report)
     return report
+
+
+def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, num_layers: int) -> dict:
+    """The budget, the cost model it was planned from, and the pruned model's measured point against it.
+
+    The check reads the bench row of the budget's engine, batch and sequence length. A
+    ``latency_fraction`` budget is checked as the pruned over the unpruned latency measured in the
+    same interleaved bench session, so a machine busier than when the cost table was measured
+    does not move the bound.
+    """
+    from pipeline.budget import CostFit, features
+    from pipeline.stages.plan import read_costs, read_plan
+
+    plan, costs = read_plan(run_dir), read_costs(run_dir)
+    b, target, statistic = cfg.budget, plan["target"], plan["statistic"]
+
+    def bench_row(model: str) -> dict:
+        name = f"{model}/{b.engine}"
+        for row in rows:
+            if row["variant"] == name and row["batch"] == b.batch and row["seq"] == b.seq:
+                return row
+        raise ValueError(f"bench/rows.jsonl: no {name} row at batch {b.batch}, seq {b.seq} to check the budget; "
+                         "rerun the bench stage")
+
+    pruned_row, baseline_row = bench_row("pruned"), bench_row("baseline")
+    layout = [len(kept.get(str(layer), [])) for layer in range(num_layers)]
+    shape = features(layout)
+    value_ms, baseline_ms = pruned_row[statistic], baseline_row[statistic]
+    name = statistic.removesuffix("_ms")
+    where = f"batch {b.batch}, seq {b.seq}"
+    if target["field"] == "throughput_per_s":
+        gate = {"name": f"budget.throughput_per_s (pruned/{b.engine} sequences/s, {where})",
+                "value": pruned_row["throughput_per_s"], "bound": target["value"],
+                "passed": pruned_row["throughput_per_s"] >= target["value"]}
+    elif target["field"] == "latency_fraction":
+        ratio = value_ms / baseline_ms
+        gate = {"name": f"budget.latency_fraction (pruned/{b.engine} {name} {value_ms:.3f} ms over baseline "
+                        f"{baseline_ms:.3f} ms, {where})",
+                "value": ratio, "bound": target["value"], "passed": ratio <= target["value"]}
+    else:
+        gate = {"name": f"budget.latency_ms (pruned/{b.engine} {name} ms, {where})",
+                "value": value_ms, "bound": target["value"], "passed": value_ms <= target["value"]}
+    fit = CostFit.from_dict(plan["fit"])
+    return {
+        "target": {k: target[k] for k in ("field", "value", "statistic", "latency_ms", "engine", "device", "batch",
+                                          "seq", "threads", "margin", "percentile")},
+        "cost_model": {
+            "points": [{"keep": p["keep"], "empty_layers": p["empty_layers"], "kept_per_layer": p["layout"],
+                        "value_ms": p[statistic], "fitted_ms": fit.predict(features(p["layout"])),
+                        "spread": p["spread"], "load_avg": p["load_avg"]} for p in costs["points"]],
+            "fit": plan["fit"],
+            "fit_choice": plan["fit_choice"],
+            "fits": plan["fits"],
+            "measured": costs["measured"],
+            "machine": costs["machine"],
+        },
+        "planned_keep": plan["keep"],
+        "predicted_ms": plan["predicted_ms"],
+        "curve": plan["curve"],
+        "expected_metric": plan["expected_metric"],
+        "warnings": plan.get("warnings", []),
+        "measured": {
+            "keep": int(shape["heads"]), "empty_layers": int(shape["empty_layers"]), "kept_per_layer": layout,
+            "value_ms": value_ms, "predicted_ms": fit.predict(shape), "baseline_ms": baseline_ms,
+            "throughput_per_s": pruned_row["throughput_per_s"], "spread": pruned_row["spread"],
+            "load_avg": pruned_row["load_avg"],
+        },
+        "gate": gate,
+    }
 
 
 def pruning_speedups(variants: list[dict], flops: dict) -> list[dict]:
@@ -138,7 +211,7 @@ def pruning_speedups(variants: list[dict], flops: dict) -> list[dict]:
 
 
 def evaluate_gates(cfg: RunConfig, report: dict) -> list[dict]:
-    gates = []
+    gates = [report["budget"]["gate"]] if "budget" in report else []
     by_stage = {s["stage"]: s for s in report["stages"]}
     if cfg.gates.max_metric_drop is not None:
         drop = by_stage["int8"]["drop"]

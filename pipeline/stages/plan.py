@@ -1,0 +1,246 @@
+"""Stage plan: a latency budget becomes a head count, from a cost table measured on this machine.
+
+Runs only when the config sets a ``budget`` target. It times pruned layouts of the model with the
+budget's engine, batch and sequence length (:mod:`benchmarks.cost_table`), fits latency against
+the heads kept (and the layers emptied, where that predicts better; :mod:`pipeline.budget`), and
+plans the largest K predicted to meet the target with ``budget.margin`` to spare. ``run_pipeline``
+then trains with exactly that K (it becomes ``prune.keep``) or, when no K is predicted to meet the
+target, refuses before any training (exit 2) with the fastest latency the model reaches here.
+
+Outputs: ``costs.json`` (the measured table, the machine and load, and the key of what was
+measured) and ``plan.json`` (the target, the fits and their errors, K, the predicted curve, and the
+study's metric range at K when ``budget.study`` names one).
+
+Measuring takes minutes, planning milliseconds: when the previous ``plan/costs.json`` of the run
+folder was measured with the same key (model, engine, shape, threads, timing settings, layouts),
+it is reused rather than measured again, so trying other targets in one run folder is cheap;
+``dsprune run --force`` and ``dsprune plan --force`` measure again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline import budget as planner
+from pipeline.config import RunConfig
+from pipeline.files import write_json_atomic
+
+COSTS = "costs.json"
+PLAN = "plan.json"
+
+
+def _model_shape(cfg: RunConfig) -> tuple[int, int, int | None]:
+    from transformers import AutoConfig
+
+    from pipeline.architectures import adapter_for
+    from pipeline.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    adapter_for(config)
+    return config.num_hidden_layers, config.num_attention_heads, getattr(config, "max_position_embeddings", None)
+
+
+def _graph(cfg: RunConfig) -> str:
+    from pipeline.stages.quantize import graph_for
+
+    engine = cfg.budget.engine
+    if engine == "torch-fp32":
+        return "torch"
+    return graph_for("int8-dynamic" if engine == "onnx-int8" else "fp32", cfg.quantize.optimize)
+
+
+def measurement_key(cfg: RunConfig, layouts: list[dict], num_labels: int) -> dict:
+    """Everything the measured latencies depend on; a cached table is reused only when this matches."""
+    from pipeline.run import versions
+
+    b, budget = cfg.bench, cfg.budget
+    return {
+        "model": cfg.model.name, "attn_implementation": cfg.model.attn_implementation, "num_labels": num_labels,
+        "engine": budget.engine, "device": budget.device, "graph": _graph(cfg), "opset": cfg.export.opset,
+        "batch": budget.batch, "seq": budget.seq, "threads": b.threads,
+        "warmup": b.warmup, "runs": b.runs, "rounds": b.rounds,
+        "layouts": [item["layout"] for item in layouts],
+        "versions": {k: v for k, v in versions().items() if k in ("dsprune", "torch", "onnxruntime", "onnx")},
+    }
+
+
+def setting(cfg: RunConfig) -> str:
+    budget = cfg.budget
+    return (f"{budget.engine} on {budget.device}, batch {budget.batch}, seq {budget.seq}, "
+            f"{cfg.bench.threads} threads")
+
+
+def make_plan(cfg: RunConfig, costs: dict, num_layers: int, heads_per_layer: int) -> dict:
+    """plan.json from a cost table: target, fits, the planned K, the curve and the study's range."""
+    budget = cfg.budget
+    points = costs["points"]
+    total = num_layers * heads_per_layer
+    field_name = budget.target_fields[0]
+    unpruned = next((p for p in points if p["keep"] == total), None)
+    target = planner.resolve_target(field_name, getattr(budget, field_name), percentile=budget.percentile,
+                                      batch=budget.batch, unpruned_ms=unpruned)
+    fit, fits, reason = planner.fit_cost_model(points, target.statistic)
+    plan = planner.plan_heads(fit, target, num_layers=num_layers, heads_per_layer=heads_per_layer,
+                                margin=budget.margin, per_layer=cfg.prune.per_layer)
+    fastest = min((p[target.statistic] for p in points if p["keep"] == 0), default=None)
+    message = None
+    if not plan.reachable:
+        message = planner.unreachable_message(target, plan, budget.margin, fastest_measured_ms=fastest,
+                                                setting=setting(cfg))
+    expected = None
+    if plan.reachable and budget.study:
+        rows = planner.read_study_rows(budget.study)
+        expected = planner.expected_metric(rows, variant=planner.study_variant(cfg.prune.method, cfg.prune.mode),
+                                             task=cfg.data.task.lower().replace("-", ""), keep=plan.keep)
+        if expected is not None:
+            expected["study"] = budget.study
+    return {
+        "target": {**dataclasses.asdict(target), "engine": budget.engine, "device": budget.device,
+                   "seq": budget.seq, "threads": cfg.bench.threads, "percentile": budget.percentile,
+                   "margin": budget.margin, "description": target.describe()},
+        "model": {"num_layers": num_layers, "heads_per_layer": heads_per_layer, "heads_total": total,
+                  "per_layer": cfg.prune.per_layer},
+        "statistic": target.statistic,
+        "fit": fit.to_dict(),
+        "fit_choice": reason,
+        "fits": [f.to_dict() for f in fits],
+        "keep": plan.keep,
+        "reachable": plan.reachable,
+        "predicted_ms": plan.predicted_ms,
+        "predicted_with_margin_ms": None if plan.predicted_ms is None else plan.predicted_ms * (1 + budget.margin),
+        "smallest_keep": plan.smallest_keep,
+        "smallest_ms": plan.smallest_ms,
+        "fastest_measured_ms": fastest,
+        "unpruned_measured_ms": unpruned[target.statistic] if unpruned else None,
+        "curve": plan.curve,
+        "message": message,
+        "warnings": planner.measurement_warnings(points, cores=costs["machine"]["cores"], threads=cfg.bench.threads,
+                                                   fit=fit, margin=budget.margin),
+        "expected_metric": expected,
+    }
+
+
+def _check(cfg: RunConfig, num_layers: int, heads_per_layer: int, max_positions: int | None) -> tuple[int, ...]:
+    budget = cfg.budget
+    if not budget.active:
+        raise ValueError("budget: no target set; set budget.latency_ms, budget.latency_fraction or "
+                         "budget.throughput_per_s")
+    if budget.study and not Path(budget.study).is_file():  # checked before minutes of timing
+        raise ValueError(f"budget.study: {budget.study!r} is not a file (a benchmarks/results/study-*.json)")
+    if max_positions is not None and budget.seq > max_positions:
+        raise ValueError(f"budget.seq: {budget.seq} exceeds the model's max_position_embeddings ({max_positions})")
+    total = num_layers * heads_per_layer
+    grid = budget.grid or planner.default_grid(num_layers, heads_per_layer)
+    too_many = [k for k in grid if k > total]
+    if too_many:
+        raise ValueError(f"budget.grid: {too_many} exceed the model's {total} heads ({num_layers} x {heads_per_layer})")
+    # The unpruned point anchors latency_fraction; two head counts at least make a line.
+    grid = tuple(sorted({total, *grid}, reverse=True))
+    if len(grid) < 2:
+        raise ValueError(f"budget.grid: {list(budget.grid)} gives one head count; list at least one below {total}")
+    return grid
+
+
+def run(cfg: RunConfig, run_dir, out):
+    from pipeline.evaluation import task_spec
+
+    run_dir, out = Path(run_dir), Path(out)
+    num_layers, heads_per_layer, max_positions = _model_shape(cfg)
+    grid = _check(cfg, num_layers, heads_per_layer, max_positions)
+    layouts = planner.cost_layouts(grid, num_layers, heads_per_layer)
+    task = task_spec(cfg)
+    num_labels = task.num_labels
+    key = measurement_key(cfg, layouts, num_labels)
+
+    previous = run_dir / "plan" / COSTS
+    costs = json.loads(previous.read_text()) if previous.is_file() else None
+    reused = costs is not None and costs.get("key") == key
+    if not reused:
+        from benchmarks.cost_table import measure_cost_table
+        from pipeline.models import load_classifier
+
+        started = datetime.now(timezone.utc)
+        model = load_classifier(cfg.model, num_labels, task.label_names)
+        b = cfg.bench
+        measured = measure_cost_table(model, layouts, engine=cfg.budget.engine, batch=cfg.budget.batch,
+                                      seq=cfg.budget.seq, threads=b.threads, warmup=b.warmup, runs=b.runs,
+                                      rounds=b.rounds, opset=cfg.export.opset,
+                                      graph="plain" if key["graph"] == "torch" else key["graph"])
+        costs = {"key": key, "measured": started.isoformat(timespec="seconds"), **measured}
+    write_json_atomic(out / COSTS, costs)
+    plan = make_plan(cfg, costs, num_layers, heads_per_layer)
+    write_json_atomic(out / PLAN, plan)
+    return {"cost_table": "reused" if reused else "measured", "keep": plan["keep"], "reachable": plan["reachable"],
+            "predicted_ms": plan["predicted_ms"], "fit_max_rel_error": plan["fit"]["max_rel_error"]}
+
+
+def read_plan(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "plan" / PLAN).read_text())
+
+
+def read_costs(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "plan" / COSTS).read_text())
+
+
+def planned_config(cfg: RunConfig, run_dir) -> RunConfig:
+    """``cfg`` with the planned K as ``prune.keep``.
+
+    Raises:
+        BudgetUnreachable: no allowed K is predicted to meet the budget (one line; exit 2).
+    """
+    plan = read_plan(run_dir)
+    if not plan["reachable"]:
+        raise planner.BudgetUnreachable(plan["message"])
+    return dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, keep=int(plan["keep"])))
+
+
+def describe(plan: dict, costs: dict, *, curve_step: int | None = None) -> list[str]:
+    """Lines for people: the target, the cost table and its fit, K, the predicted curve, the study's range."""
+    target, fit, statistic = plan["target"], plan["fit"], plan["statistic"]
+    name = statistic.removesuffix("_ms")
+    margin = target["margin"]
+    load = costs["machine"]["load_avg"]
+    lines = [
+        f"Budget: {target['description']} ({target['engine']} on {target['device']}, batch {target['batch']}, "
+        f"seq {target['seq']}, {target['threads']} threads); margin {margin:.0%}",
+        f"Cost table: {len(costs['points'])} layouts measured {costs['measured']}, load average "
+        f"{' / '.join(f'{x:.2f}' for x in load)} on {costs['machine']['cores']} cores",
+    ]
+    for p in costs["points"]:
+        lines.append(f"  {p['keep']:>4} heads, {p['empty_layers']} empty layer(s): {name} {p[statistic]:.3f} ms "
+                     f"(spread {p['spread']:.2f}, load {p['load_avg'][0]:.2f})")
+    chosen = planner.CostFit.from_dict(fit)
+    loo = fit["loo_rms_rel_error"]
+    lines.append(f"Fit: {name} = {chosen.formula()}; max error {fit['max_rel_error']:.1%}, "
+                 f"RMS {fit['rms_rel_error']:.1%}" + (f", leave-one-out {loo:.1%}" if loo is not None else "") + f" ({plan['fit_choice']})")
+    lines += [f"Warning: {w}" for w in plan.get("warnings", [])]
+    if plan["reachable"]:
+        lines.append(f"Planned: keep {plan['keep']} of {plan['model']['heads_total']} heads, predicted {name} "
+                     f"{plan['predicted_ms']:.3f} ms ({plan['predicted_with_margin_ms']:.3f} ms with the margin) "
+                     f"against {target['latency_ms']:.3f} ms")
+    else:
+        lines.append(f"Refused: {plan['message']}")
+    total = plan["model"]["heads_total"]
+    step = curve_step or max(1, total // 12)
+    shown = [p for p in plan["curve"] if p["keep"] % step == 0 or p["keep"] == plan["keep"]]
+    measured = {}
+    for p in costs["points"]:
+        if p["keep"] not in measured or p["empty_layers"] < measured[p["keep"]][0]:
+            measured[p["keep"]] = (p["empty_layers"], p[statistic])
+    lines.append(f"Predicted {name} by heads kept (worst case over the layers a mask may empty; best case beside):")
+    for p in shown:
+        mark = "  <- planned" if p["keep"] == plan["keep"] else ""
+        seen = f"  measured {measured[p['keep']][1]:.3f}" if p["keep"] in measured else ""
+        ok = "meets" if p["predicted_ms"] * (1 + margin) <= target["latency_ms"] * (1 + 1e-9) else "misses"
+        lines.append(f"  {p['keep']:>4}: {p['predicted_ms']:.3f} ms (best {p['best_ms']:.3f}) {ok}{seen}{mark}")
+    expected = plan.get("expected_metric")
+    if expected:
+        keeps = " and ".join(str(k) for k in expected["keeps"])
+        lines.append(f"Expected {expected['metric']} at {plan['keep']} heads ({expected['variant']}, study rows at K "
+                     f"{keeps}, n={expected['n']}, {expected['study']}): mean {expected['mean']:.4f}, "
+                     f"min {expected['min']:.4f}, max {expected['max']:.4f} (with the study's training recipe)")
+    elif plan["reachable"]:
+        lines.append("Expected metric: no study rows (set budget.study to a benchmarks/results/study-*.json)")
+    return lines
