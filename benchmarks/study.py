@@ -103,6 +103,8 @@ class TimingSpec:
     warmup: int = 10
     rounds: int = 3
     methods: tuple[str, ...] = ("dsp", "ste", "hardconcrete")
+    placements: tuple[str, ...] = ("model",)  # where gates live (pipeline.gates.GATES_ON): model, cpu
+    profile: bool = False  # also record the top operators of a plain and a dsp step (torch.profiler)
 
 
 @dataclass(frozen=True)
@@ -560,8 +562,8 @@ def measure_step_time(ctx: Context) -> dict:
     """
     import torch
 
+    from pipeline.gates import GATES_ON, remove_head_gates_
     from pipeline.methods import add_method_gates_
-    from pipeline.gates import remove_head_gates_
 
     spec = ctx.config.timing
     model = ctx.pretrained(0)
@@ -601,20 +603,50 @@ def measure_step_time(ctx: Context) -> dict:
                 times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    per_round: dict[str, list[float]] = {"plain": [], **{m: [] for m in spec.methods}}
-    for _ in range(spec.rounds):
-        per_round["plain"].append(time_steps(None))
-        for method in spec.methods:
+    def install(method, placement):
+        os.environ[GATES_ON] = placement
+        try:
             gates = add_method_gates_(model, method, keep, per_layer=ctx.config.per_layer, seed=0,
                                       **({"cooldown_steps": spec.steps} if method == "dsp" else {}))
-            model.train()
-            per_round[method].append(time_steps(gates))
+        finally:
+            os.environ.pop(GATES_ON)
+        model.train()
+        return gates
+
+    configs = [(m, p) for m in spec.methods for p in spec.placements]
+    label = {(m, p): m if p == "model" else f"{m}@{p}" for m, p in configs}
+    per_round: dict[str, list[float]] = {"plain": [], **{label[c]: [] for c in configs}}
+    for _ in range(spec.rounds):
+        per_round["plain"].append(time_steps(None))
+        for method, placement in configs:
+            gates = install(method, placement)
+            per_round[label[method, placement]].append(time_steps(gates))
             remove_head_gates_(model)
     medians = {name: statistics.median(values) * 1e3 for name, values in per_round.items()}
+    profiles = {}
+    if spec.profile:
+        for name, method in (("plain", None), ("dsp", "dsp")):
+            gates = install(method, "model") if method else None
+            profiles[name] = _profile_steps(lambda: time_steps(gates), ctx.device)
+            if gates is not None:
+                remove_head_gates_(model)
     return {"step_ms": {k: round(v, 3) for k, v in medians.items()},
-            "step_ratio": {m: round(medians[m] / medians["plain"], 4) for m in spec.methods},
+            "step_ratio": {name: round(medians[name] / medians["plain"], 4) for name in per_round if name != "plain"},
+            "profiles": profiles, "timing_placements": list(spec.placements),
             "timing_batch_size": ctx.config.reference.batch_size, "timing_steps": spec.steps,
             "timing_rounds": spec.rounds, "timing_keep": keep}
+
+
+def _profile_steps(run, device) -> list[dict]:
+    """The 15 operators with the most host (self CPU) time over ``run()``, with their device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    table = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    return [{"name": e.key, "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
+             "device_ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 3)} for e in table]
 
 
 def run_job(ctx: Context, job: Job) -> dict:
@@ -883,6 +915,17 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv[1:])
         for kind, path in merge(args.paths, Path(args.results), args.name).items():
             print(f"{kind}: {path}")
+        return 0
+    if argv[:1] == ["timing"]:  # the training-step timing row alone, on an otherwise idle device
+        parser = argparse.ArgumentParser(prog="python -m benchmarks.study timing")
+        parser.add_argument("-c", "--config", required=True)
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        parser.add_argument("--out", required=True, help="folder for the row (rows-PID.jsonl)")
+        args = parser.parse_args(argv[1:])
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        row = run_job(Context(load_study_config(args.config, args.overrides), out), Job("step_time", 0))
+        print(json.dumps({k: row[k] for k in ("step_ms", "step_ratio")}))
         return 0
     if argv[:1] == ["worker"]:
         parser = argparse.ArgumentParser(prog="python -m benchmarks.study worker")

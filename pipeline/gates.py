@@ -7,6 +7,7 @@ As the temperature falls the relaxed mask approaches a hard subset of exactly K 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -353,16 +354,23 @@ def install_mask_hooks_(model: nn.Module, current_mask, *, block_size: int | Non
     return handles
 
 
-def gate_device(model: nn.Module) -> torch.device:
-    """Where gates live: on the CPU beside a CUDA model, unless torch.distributed runs.
+GATES_ON = "DSPRUNE_GATES_ON"  # "model" (default) or "cpu": where gate parameters live
 
-    DSP's soft top-K runs in NumPy on the CPU anyway; gates on the CPU spare the GPU a
-    device-to-host copy (a synchronization) per forward and a few dozen kernel launches per step.
-    A distributed run keeps them on the model's device, where its collectives all-reduce them.
+
+def gate_device(model: nn.Module) -> torch.device:
+    """Where new gates live: the model's device, or the CPU when ``DSPRUNE_GATES_ON=cpu``.
+
+    DSP's soft top-K runs in NumPy on the CPU either way. Gates on the CPU save a device-to-host
+    copy of the logits per forward but add host-device copies of the mask and its gradient and
+    cross-device gradient clipping; ``python -m benchmarks.gate_overhead`` times both on a GPU.
+    A distributed run always keeps them on the model's device, where its collectives reduce them.
     """
     device = next(model.parameters()).device
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.device("cpu") if device.type == "cuda" and not distributed else device
+    placement = os.environ.get(GATES_ON, "model")
+    if placement not in ("model", "cpu"):
+        raise ValueError(f"{GATES_ON}={placement!r}: expected model or cpu")
+    return torch.device("cpu") if placement == "cpu" and not distributed else device
 
 
 def add_head_gates_(model: nn.Module, config: GateConfig, seed: int = 0) -> HeadGates:
