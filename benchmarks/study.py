@@ -103,7 +103,7 @@ class TimingSpec:
     warmup: int = 10
     rounds: int = 3
     methods: tuple[str, ...] = ("dsp", "ste", "hardconcrete")
-    placements: tuple[str, ...] = ("model",)  # where gates live (pipeline.gates.GATES_ON): model, cpu
+    placements: tuple[str, ...] = ("auto",)  # where gates live (pipeline.gates.GATES_ON): auto, model, cpu
     profile: bool = False  # also record the top operators of a plain and a dsp step (torch.profiler)
 
 
@@ -614,7 +614,7 @@ def measure_step_time(ctx: Context) -> dict:
         return gates
 
     configs = [(m, p) for m in spec.methods for p in spec.placements]
-    label = {(m, p): m if p == "model" else f"{m}@{p}" for m, p in configs}
+    label = {(m, p): m if p == "auto" else f"{m}@{p}" for m, p in configs}
     per_round: dict[str, list[float]] = {"plain": [], **{label[c]: [] for c in configs}}
     for _ in range(spec.rounds):
         per_round["plain"].append(time_steps(None))
@@ -626,7 +626,7 @@ def measure_step_time(ctx: Context) -> dict:
     profiles = {}
     if spec.profile:
         for name, method in (("plain", None), ("dsp", "dsp")):
-            gates = install(method, "model") if method else None
+            gates = install(method, "auto") if method else None
             profiles[name] = _profile_steps(lambda: time_steps(gates), ctx.device)
             if gates is not None:
                 remove_head_gates_(model)
