@@ -828,8 +828,10 @@ def markdown(result: dict) -> str:
                          f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} (n={s['n']}) |")
     for timing in result["step_time"]:
         ratios = ", ".join(f"{m} {100 * (r - 1):+.1f}%" for m, r in timing["step_ratio"].items())
+        placements = timing.get("timing_placements")
+        where = f"; gates on {placements[0]}, or as marked after @" if placements else ""
         lines += ["", f"Training step vs plain fine-tuning ({timing.get('gpu') or timing['device']}, "
-                      f"plain {timing['step_ms']['plain']:.2f} ms/step): {ratios}"]
+                      f"plain {timing['step_ms']['plain']:.2f} ms/step{where}): {ratios}"]
     return "\n".join(lines) + "\n"
 
 
