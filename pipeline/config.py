@@ -375,6 +375,10 @@ def _cross_field_errors(config: RunConfig) -> list[str]:
         errors.append(f"prune.method: feed-forward pruning works with {', '.join(FFN_METHODS)}, got {pr.method!r}")
     if pr.prunes_ffn and pr.per_layer:
         errors.append("prune.per_layer: feed-forward pruning takes a global budget, got true")
+    if pr.prunes_ffn and config.budget.active:
+        field = "prune.flops_keep_fraction" if pr.flops_keep_fraction is not None else "prune.ffn.keep_fraction"
+        errors.append(f"{field}: a latency budget plans heads only; it cannot be combined with feed-forward "
+                      "pruning yet")
     return errors
 
 

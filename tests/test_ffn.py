@@ -227,6 +227,7 @@ def test_pipeline_prunes_heads_and_blocks_to_a_flop_budget_and_exports(tmp_path)
     (["prune.ffn.keep_fraction=0.5", "prune.per_layer=true"], "prune.per_layer: feed-forward pruning takes a global"),
     (["prune.flops_keep_fraction=1.5"], "prune.flops_keep_fraction: must be in (0, 1)"),
     (["prune.ffn.block_size=0"], "prune.ffn.block_size: must be a positive number"),
+    (["prune.flops_keep_fraction=0.5", "budget.latency_fraction=0.8"], "a latency budget plans heads only"),
 ])
 def test_feed_forward_config_errors_name_the_field(overrides, message):
     from pipeline.config import ConfigError, load_config
