@@ -171,7 +171,7 @@ def plan(ctx, config_path, overrides, force):
         plan_budget(folder, cfg, force=force, log=ctx.obj["log"], refuse=False)
         return read_plan(folder.path), read_costs(folder.path)
 
-    planned, costs = _guarded(ctx.obj["debug"], action)
+    planned, costs = _guarded(ctx.obj, action)
     from pipeline.stages.plan import describe
 
     for line in describe(planned, costs):

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.config import RunConfig, config_from_dict
-from pipeline.events import stage_failed, stage_finished, stage_skipped, stage_started
+from pipeline.events import Event, stage_failed, stage_finished, stage_skipped, stage_started
 from pipeline.files import sha256_file, write_json_atomic  # noqa: F401 - stages import it from here
 
 
@@ -285,14 +285,13 @@ def plan_budget(folder: RunFolder, cfg: RunConfig, *, force: bool = False, log=p
     if force:
         shutil.rmtree(folder.stage_dir(stage.name), ignore_errors=True)  # drops the cached cost table
     if not force and folder.is_current(stage, cfg):
-        log(f"[{stage.name}] up to date, skipped")
+        log(stage_skipped(stage.name))
     else:
-        log(f"[{stage.name}] running")
-        folder.run_stage(stage, cfg, log=log)
+        folder.run_stage(stage, cfg, log=log)  # logs its own start and finish
     plan = read_plan(folder.path)
     if refuse:
         for warning in plan.get("warnings", []):
-            log(f"[{stage.name}] warning: {warning}")
+            log(Event("plan.warning", f"[{stage.name}] warning: {warning}", stage=stage.name, level="warning"))
     try:
         planned = planned_config(cfg, folder.path)
     except BudgetUnreachable:
@@ -301,9 +300,12 @@ def plan_budget(folder: RunFolder, cfg: RunConfig, *, force: bool = False, log=p
         return cfg
     write_json_atomic(folder.path / "config.json", planned.to_dict())
     if refuse:
-        log(f"[{stage.name}] prune.keep = {planned.prune.keep}: predicted {plan['statistic'].removesuffix('_ms')} "
-            f"{plan['predicted_ms']:.3f} ms against {plan['target']['latency_ms']:.3f} ms with a "
-            f"{plan['target']['margin']:.0%} margin (fit max error {plan['fit']['max_rel_error']:.1%})")
+        log(Event("plan.keep", f"[{stage.name}] prune.keep = {planned.prune.keep}: predicted "
+                  f"{plan['statistic'].removesuffix('_ms')} {plan['predicted_ms']:.3f} ms against "
+                  f"{plan['target']['latency_ms']:.3f} ms with a {plan['target']['margin']:.0%} margin "
+                  f"(fit max error {plan['fit']['max_rel_error']:.1%})", stage=stage.name,
+                  fields={"keep": planned.prune.keep, "predicted_ms": plan["predicted_ms"],
+                          "target_ms": plan["target"]["latency_ms"]}))
     return planned
 
 
