@@ -89,6 +89,10 @@ def process_group(timeout_minutes: float = 60) -> Iterator[Distributed]:
         )
     try:
         yield dist
+        if owned:
+            # No rank tears the group down while a peer may still talk to it: a gloo peer whose
+            # connection closes mid-operation aborts ("terminate called without an active exception").
+            torch.distributed.barrier()
     finally:
         if owned:
             torch.distributed.destroy_process_group()
