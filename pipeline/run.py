@@ -243,7 +243,7 @@ def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False
     if main:
         folder = prepare_run_folder(cfg)
     else:
-        folder, log = RunFolder(Path(cfg.run_dir)), (lambda message: None)
+        folder, log = RunFolder(Path(cfg.run_dir)), _silent
     if cfg.budget.active and only is None and main:
         cfg = plan_budget(folder, cfg, force=force, log=log)
     elif cfg.budget.active:

@@ -43,6 +43,14 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear
     return new
 
 
+def _requested(kept: dict, layer: int, count: int, what: str) -> list[int]:
+    """The sorted indices ``kept`` lists for ``layer`` (keyed by int or str; all ``count`` when absent)."""
+    keep = sorted(set(int(i) for i in kept.get(layer, kept.get(str(layer), range(count)))))
+    if any(i < 0 or i >= count for i in keep):
+        raise ValueError(f"layer {layer}: {what} {keep} outside 0..{count - 1}")
+    return keep
+
+
 def prune_heads_(model: nn.Module, kept_heads: dict[int, list[int]]) -> nn.Module:
     """Remove every head not listed in ``kept_heads`` from ``model``, in place.
 
@@ -61,9 +69,7 @@ def prune_heads_(model: nn.Module, kept_heads: dict[int, list[int]]) -> nn.Modul
     layers = encoder_layers(model)
     previous = current_kept_heads(model)
     for part in attention_parts(model):
-        keep = sorted(set(int(h) for h in kept_heads.get(part.layer, kept_heads.get(str(part.layer), range(part.num_heads)))))
-        if any(h < 0 or h >= part.num_heads for h in keep):
-            raise ValueError(f"layer {part.layer}: head indices {keep} outside 0..{part.num_heads - 1}")
+        keep = _requested(kept_heads, part.layer, part.num_heads, "head indices")
         if len(keep) == part.num_heads:
             continue
         previous[part.layer] = [previous[part.layer][h] for h in keep]
@@ -107,9 +113,7 @@ def prune_ffn_(model: nn.Module, kept_neurons: dict[int, list[int]]) -> nn.Modul
     layers = encoder_layers(model)
     previous = current_kept_ffn(model)
     for part in feed_forward_parts(model):
-        keep = sorted(set(int(n) for n in kept_neurons.get(part.layer, kept_neurons.get(str(part.layer), range(part.width)))))
-        if any(n < 0 or n >= part.width for n in keep):
-            raise ValueError(f"layer {part.layer}: feed-forward neurons outside 0..{part.width - 1}")
+        keep = _requested(kept_neurons, part.layer, part.width, "feed-forward neurons")
         if len(keep) == part.width:
             continue
         previous[part.layer] = [previous[part.layer][n] for n in keep]

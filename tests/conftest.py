@@ -49,6 +49,20 @@ def make_tiny_bert(num_labels: int = 2, layers: int = 2, heads: int = 4, hidden:
     return model
 
 
+def silence_heads_(model, keep: torch.Tensor) -> None:
+    """Zero the value rows of every head where the (layers, heads) ``keep`` mask is False, in place:
+    those heads then add nothing to the attention output, whatever the mask around them."""
+    from pipeline.architectures import attention_parts
+
+    with torch.no_grad():
+        for part in attention_parts(model):
+            for head in range(part.num_heads):
+                if not keep[part.layer, head]:
+                    rows = slice(head * part.head_dim, (head + 1) * part.head_dim)
+                    part.value.weight[rows] = 0
+                    part.value.bias[rows] = 0
+
+
 @pytest.fixture
 def tiny_bert():
     return make_tiny_bert()

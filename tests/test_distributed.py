@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import NO_NETWORK, ROOT, make_tiny_bert, run_cli
+from conftest import NO_NETWORK, ROOT, make_tiny_bert, run_cli, silence_heads_
 from pipeline.distributed import Distributed, per_rank_batch_size, rank_seed, seed_gate_noise_, shard
 from pipeline.gates import GateConfig, add_head_gates_
 
@@ -172,7 +172,6 @@ def planted_run_config(tmp_path_factory, tokenizer):
     """A run config over a tiny BERT that has learned the planted task through the two planted heads."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from pipeline.architectures import attention_parts
     from pipeline.gates import add_fixed_mask_
 
     folder = tmp_path_factory.mktemp("planted")
@@ -203,14 +202,9 @@ def planted_run_config(tmp_path_factory, tokenizer):
         optimizer.zero_grad()
     for handle in handles:
         handle.remove()
+    silence_heads_(model, PLANTED)
+    model.eval()
     with torch.no_grad():
-        for part in attention_parts(model):
-            for head in range(part.num_heads):
-                if not PLANTED[part.layer, head]:
-                    rows = slice(head * part.head_dim, (head + 1) * part.head_dim)
-                    part.value.weight[rows] = 0
-                    part.value.bias[rows] = 0
-        model.eval()
         accuracy = (model(**dev).logits.argmax(-1) == dev["labels"]).float().mean().item()
     torch.set_num_threads(threads)
     assert accuracy > 0.95  # the planted heads carry the task

@@ -3,8 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_bert
-from pipeline.architectures import attention_parts
+from conftest import make_tiny_bert, silence_heads_
 from pipeline.gates import add_fixed_mask_
 from pipeline.methods import (
     METHODS,
@@ -59,13 +58,7 @@ def planted_model():
         optimizer.zero_grad()
     for handle in handles:
         handle.remove()
-    with torch.no_grad():
-        for part in attention_parts(model):
-            for head in range(part.num_heads):
-                if not PLANTED[part.layer, head]:
-                    rows = slice(head * part.head_dim, (head + 1) * part.head_dim)
-                    part.value.weight[rows] = 0
-                    part.value.bias[rows] = 0
+    silence_heads_(model, PLANTED)
     model.eval()
     held_out = [planted_batch(torch.Generator().manual_seed(5), 64)]
     with torch.no_grad():
