@@ -61,7 +61,8 @@ def build_layout(model, layout, folder: Path, *, engine: str, opset: int = 18,
 
 
 def measure_cost_table(model, layouts: list[dict], *, engine: str, batch: int, seq: int, threads: int,
-                       warmup: int, runs: int, rounds: int, opset: int = 18, graph: str = "plain",
+                       warmup: int, runs: int, rounds: int, min_seconds: float = 0.0,
+                       aggregate: str = "best", opset: int = 18, graph: str = "plain",
                        log=None) -> dict:
     """Build every layout of ``model`` and time them all, interleaved, each in a fresh process.
 
@@ -71,7 +72,8 @@ def measure_cost_table(model, layouts: list[dict], *, engine: str, batch: int, s
         engine: the budget's engine.
         batch, seq: the shape of one call.
         threads: intra-op threads of the engine (and OMP/MKL pools).
-        warmup, runs, rounds: as for :func:`benchmarks.timing.interleaved`.
+        warmup, runs, min_seconds: as for :func:`benchmarks.timing.time_callable`.
+        rounds, aggregate: as for :func:`benchmarks.timing.interleaved`.
         opset, graph: how ONNX files are built (see :func:`build_layout`).
         log: called with a line per layout built, when given.
 
@@ -85,11 +87,11 @@ def measure_cost_table(model, layouts: list[dict], *, engine: str, batch: int, s
             timing_engine, path = build_layout(model, item["layout"], Path(work) / item["name"], engine=engine,
                                                opset=opset, graph=graph)
             specs.append({"engine": timing_engine, "model": str(path), "batch": batch, "seq": seq,
-                          "warmup": warmup, "runs": runs})
+                          "warmup": warmup, "runs": runs, "min_seconds": min_seconds})
             if log:
                 log(f"  built {item['name']}: {sum(item['layout'])} heads, {item['empty_layers']} empty layer(s)")
         machine = machine_info()
-        results = interleaved(specs, threads=threads, rounds=rounds)
+        results = interleaved(specs, threads=threads, rounds=rounds, aggregate=aggregate)
     points = []
     for item, result in zip(layouts, results):
         points.append({**item, **{k: result[k] for k in STAT_KEYS},

@@ -65,6 +65,19 @@ class FfnPruneConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation while the gates train: the fine-tuned reference is the teacher.
+
+    The training loss becomes ``(1 - weight) * task + weight * distillation``, where distillation is
+    ``temperature**2 * KL(teacher || student)`` of the logits softened by ``temperature``
+    (mean squared error for one-output regression). ``weight: 0`` turns it off.
+    """
+
+    weight: float = 0.0
+    temperature: float = 2.0
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     """Gate training and the head budget.
 
@@ -85,6 +98,7 @@ class PruneConfig:
     temperature_end: float = 1e-8
     cooldown_fraction: float = 0.5  # of the gated training steps
     ffn: FfnPruneConfig = field(default_factory=FfnPruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # One budget for heads and feed-forward blocks together: the share of the model's FLOPs per token
     # at flops_seq tokens that may be kept. Replaces keep and ffn.keep_fraction.
     flops_keep_fraction: float | None = None
@@ -113,12 +127,19 @@ class QuantizeConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """The CPU latency grid. Every (variant, shape) is timed ``rounds`` times, interleaved, each
+    time in a fresh process that runs ``warmup`` untimed calls and then times at least ``runs``
+    calls and at least ``min_seconds``; ``aggregate`` makes one row of the rounds
+    (:func:`benchmarks.timing.interleaved` says why the best round is the default)."""
+
     batches: tuple[int, ...] = (1, 16)
     seqs: tuple[int, ...] = (128,)
     threads: int = 2
-    warmup: int = 5
+    warmup: int = 10
     runs: int = 30
-    rounds: int = 3
+    min_seconds: float = 1.0
+    rounds: int = 5
+    aggregate: str = "best"  # best: the fastest round's statistics; median: the median of the rounds
     engines: tuple[str, ...] = ("torch-fp32", "onnx-fp32", "onnx-int8")
 
 
@@ -204,10 +225,14 @@ _CHECKS = {
     ("prune", "ffn", "block_size"): lambda v: v > 0 or "must be a positive number of neurons",
     ("prune", "flops_keep_fraction"): lambda v: 0 < v < 1 or "must be in (0, 1)",
     ("prune", "flops_seq"): lambda v: v > 0 or "must be positive",
+    ("prune", "distill", "weight"): lambda v: 0 <= v <= 1 or "must be in [0, 1]",
+    ("prune", "distill", "temperature"): lambda v: v > 0 or "must be positive",
     ("model", "attn_implementation"): lambda v: v in ("eager", "sdpa") or "must be eager or sdpa",
     ("data", "max_seq_length"): lambda v: 8 <= v <= 512 or "must be in 8..512",
     ("finetune", "batch_size"): lambda v: v > 0 or "must be positive",
     ("bench", "threads"): lambda v: v > 0 or "must be positive",
+    ("bench", "min_seconds"): lambda v: v >= 0 or "must be >= 0",
+    ("bench", "aggregate"): lambda v: v in ("best", "median") or "must be best or median",
     ("quantize", "optimize"): lambda v: v in ("auto", "always", "never") or "must be auto, always or never",
     ("quantize", "calibration_examples"): lambda v: v > 0 or "must be positive",
     ("bench", "seqs"): lambda v: (len(v) > 0 and all(s >= 1 for s in v)) or "must list sequence lengths >= 1",
@@ -361,8 +386,9 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     return dataclasses.replace(config, source=name)
 
 
-# pipeline.methods.FFN_METHODS, repeated here for the same reason as PRUNE_METHODS.
+# pipeline.methods.FFN_METHODS and TRAINED_METHODS, repeated here for the same reason as PRUNE_METHODS.
 FFN_METHODS = ("dsp", "ste", "random")
+TRAINED_METHODS = ("dsp", "ste", "hardconcrete")
 
 
 def _cross_field_errors(config: RunConfig) -> list[str]:
@@ -379,6 +405,9 @@ def _cross_field_errors(config: RunConfig) -> list[str]:
         field = "prune.flops_keep_fraction" if pr.flops_keep_fraction is not None else "prune.ffn.keep_fraction"
         errors.append(f"{field}: a latency budget plans heads only; it cannot be combined with feed-forward "
                       "pruning yet")
+    if pr.distill.weight > 0 and pr.method not in TRAINED_METHODS:
+        errors.append(f"prune.distill.weight: {pr.distill.weight} distils while gates train; {pr.method!r} trains "
+                      f"no gates (use one of {', '.join(TRAINED_METHODS)} or weight 0)")
     return errors
 
 

@@ -375,7 +375,7 @@ def test_run_with_a_budget_trains_the_planned_k_and_checks_it(tmp_path, tokenize
     config.write_text(f"run_dir: {run_dir}\nmodel: {{name: {model_dir}}}\n"
                       "data: {max_train_examples: 32, max_eval_examples: 32, max_seq_length: 16}\n"
                       "finetune: {batch_size: 16}\nquantize: {presets: [int8-dynamic]}\n"
-                      "bench: {batches: [1], seqs: [16], warmup: 1, runs: 3, rounds: 1, engines: [torch-fp32]}\n"
+                      "bench: {batches: [1], seqs: [16], warmup: 1, runs: 3, min_seconds: 0, rounds: 1, engines: [torch-fp32]}\n"
                       "gates: {max_metric_drop: null}\n"
                       "budget: {latency_ms: 1000, batch: 1, seq: 24, engine: onnx-int8}\n")
     result = run_cli("run", "-c", str(config))

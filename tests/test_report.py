@@ -188,6 +188,20 @@ def test_markdown_warns_exactly_when_timings_are_noisy(report, tmp_path, load, s
         assert "pruned/onnx-fp32 batch 16" in text
 
 
+@pytest.mark.parametrize(("confirmed", "spread", "noisy"), [
+    (2, 1.8, False),  # a slow round or three beside two that agree: the best round stands
+    (1, 1.8, True),
+    (1, 1.03, True),  # nothing came near the best round
+])
+def test_best_round_rows_are_noisy_when_no_other_round_confirms_them(report, tmp_path, confirmed, spread, noisy):
+    row = _variant(report, "pruned/onnx-fp32")["latency"][1]
+    row.update(aggregate="best", rounds=5, confirmed_rounds=confirmed, spread=spread)
+    text = write_markdown(report, tmp_path / "report.md").read_text()
+    assert ("timings may be noisy" in text) is noisy
+    if noisy:
+        assert "pruned/onnx-fp32 batch 16 (best round unconfirmed" in text
+
+
 def test_compare_identical_reports_is_empty(report):
     assert compare_reports(report, copy.deepcopy(report)) == []
 

@@ -28,9 +28,10 @@ def time_variants(files: dict[str, Path], cfg: RunConfig) -> dict[str, dict]:
     b = cfg.bench
     names = list(files)
     specs = [{"engine": "onnxruntime", "model": str(files[n]), "batch": min(b.batches), "seq": b.seqs[0],
-              "warmup": b.warmup, "runs": b.runs} for n in names]
-    results = interleaved(specs, threads=b.threads, rounds=b.rounds)
-    keys = ("p50_ms", "p90_ms", "p99_ms", "batch", "seq", "threads", "rounds_p50_ms", "spread", "load_avg")
+              "warmup": b.warmup, "runs": b.runs, "min_seconds": b.min_seconds} for n in names]
+    results = interleaved(specs, threads=b.threads, rounds=b.rounds, aggregate=b.aggregate)
+    keys = ("p50_ms", "p90_ms", "p99_ms", "batch", "seq", "threads", "aggregate", "rounds_p50_ms", "median_p50_ms",
+            "confirmed_rounds", "spread", "load_avg")
     return {n: {k: r[k] for k in keys if k in r} for n, r in zip(names, results)}
 
 

@@ -62,10 +62,11 @@ def run(cfg: RunConfig, run_dir, out):
         for batch, seq in grid:
             specs = [
                 {"variant": name, "engine": engine, "model": path, "tokenizer": tokenizer,
-                 "batch": batch, "seq": seq, "threads": b.threads, "warmup": b.warmup, "runs": b.runs}
+                 "batch": batch, "seq": seq, "threads": b.threads, "warmup": b.warmup, "runs": b.runs,
+                 "min_seconds": b.min_seconds}
                 for name, (engine, path) in variants.items()
             ]
-            measured = interleaved(specs, threads=b.threads, rounds=b.rounds, on_measured=tick)
+            measured = interleaved(specs, threads=b.threads, rounds=b.rounds, aggregate=b.aggregate, on_measured=tick)
             for spec, result in zip(specs, measured):
                 model, _, kind = spec["variant"].partition("/")
                 rows.append({

@@ -60,7 +60,8 @@ def measurement_key(cfg: RunConfig, layouts: list[dict], num_labels: int) -> dic
         "model": cfg.model.name, "attn_implementation": cfg.model.attn_implementation, "num_labels": num_labels,
         "engine": budget.engine, "device": budget.device, "graph": _graph(cfg), "opset": cfg.export.opset,
         "batch": budget.batch, "seq": budget.seq, "threads": b.threads,
-        "warmup": b.warmup, "runs": b.runs, "rounds": b.rounds,
+        "warmup": b.warmup, "runs": b.runs, "min_seconds": b.min_seconds, "rounds": b.rounds,
+        "aggregate": b.aggregate,
         "layouts": [item["layout"] for item in layouts],
         "versions": {k: v for k, v in versions().items() if k in ("dsprune", "torch", "onnxruntime", "onnx")},
     }
@@ -166,7 +167,8 @@ def run(cfg: RunConfig, run_dir, out):
         b = cfg.bench
         measured = measure_cost_table(model, layouts, engine=cfg.budget.engine, batch=cfg.budget.batch,
                                       seq=cfg.budget.seq, threads=b.threads, warmup=b.warmup, runs=b.runs,
-                                      rounds=b.rounds, opset=cfg.export.opset,
+                                      min_seconds=b.min_seconds, rounds=b.rounds,
+                                      aggregate=b.aggregate, opset=cfg.export.opset,
                                       graph="plain" if key["graph"] == "torch" else key["graph"])
         costs = {"key": key, "measured": started.isoformat(timespec="seconds"), **measured}
     write_json_atomic(out / COSTS, costs)

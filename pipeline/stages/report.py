@@ -70,7 +70,8 @@ def build_report(cfg: RunConfig, run_dir: Path, *, created: str | None = None,
             "file_bytes": path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors")),
             "latency": [
                 {k: r[k] for k in ("batch", "seq", "threads", "p50_ms", "p90_ms", "p99_ms", "throughput_per_s",
-                                   "spread", "load_avg") if k in r}
+                                   "spread", "load_avg", "aggregate", "rounds", "median_p50_ms", "confirmed_rounds")
+                 if k in r}
                 for r in rows if r["variant"] == name
             ],
         })
