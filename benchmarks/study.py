@@ -54,10 +54,13 @@ class ReferenceSpec:
 
 @dataclass(frozen=True)
 class JointSpec:
-    """Joint variants: gates and weights from the pretrained model, weights' lr decaying linearly."""
+    """Joint variants: gates and weights together, weights' lr decaying linearly, from the pretrained
+    model (``init: pretrained``, the paper's joint DSP) or from the seed's fine-tuned reference
+    (``init: finetuned``, as ``dsprune run`` does by default; the reference is trained first)."""
 
     epochs: float = 3.0
     lr: float = 5e-5
+    init: str = "pretrained"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,16 @@ class HardConcreteSpec:
     gate_lr: float = 0.1  # the reference code's pruning_lr for Voita et al.
     penalty: float = 0.5  # lambda on the expected L0 norm, the reference code's default
     temperature: float = 0.33
+    penalty_warmup_fraction: float = 0.0  # of the gate-training steps, the penalty growing from 0
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """``+kd`` variants: the seed's fine-tuned reference teaches while the gates train
+    (pipeline.training.add_distillation_)."""
+
+    weight: float = 0.5
+    temperature: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,7 @@ class StudyConfig:
     dsp: DspSpec = field(default_factory=DspSpec)
     ste: SteSpec = field(default_factory=SteSpec)
     hardconcrete: HardConcreteSpec = field(default_factory=HardConcreteSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
     michel: MichelSpec = field(default_factory=MichelSpec)
     timing: TimingSpec = field(default_factory=TimingSpec)
     # Variants with "+ffn" select heads and feed-forward blocks under one FLOP budget: at each K of
@@ -141,21 +155,39 @@ class StudyConfig:
 
 FFN_SUFFIX = "+ffn"
 FFN_VARIANT_METHODS = ("dsp", "ste", "random")
+KD_SUFFIX = "+kd"
+
+
+def _modifiers(variant: str) -> tuple[str, set[str]]:
+    """``"dsp+ffn+kd:joint"`` -> ("dsp", {"+ffn", "+kd"})."""
+    method = variant.partition(":")[0]
+    found = set()
+    for suffix in (KD_SUFFIX, FFN_SUFFIX):  # written in the order method+ffn+kd
+        if method.endswith(suffix):
+            method, found = method[: -len(suffix)], found | {suffix}
+    return method, found
 
 
 def variant_prunes_ffn(variant: str) -> bool:
-    return variant.partition(":")[0].endswith(FFN_SUFFIX)
+    return FFN_SUFFIX in _modifiers(variant)[1]
+
+
+def variant_distills(variant: str) -> bool:
+    return KD_SUFFIX in _modifiers(variant)[1]
 
 
 def parse_variant(variant: str) -> tuple[str, str]:
     """``"dsp:joint"`` -> ("dsp", "joint"); ``"michel"`` -> ("michel", "reference");
-    ``"dsp+ffn:joint"`` -> ("dsp", "joint") (heads and feed-forward blocks, see :func:`variant_prunes_ffn`)."""
-    method, _, mode = variant.partition(":")
-    if method.endswith(FFN_SUFFIX):
-        method = method[: -len(FFN_SUFFIX)]
-        if method not in FFN_VARIANT_METHODS:
-            raise ValueError(f"variant {variant!r}: feed-forward blocks are selected by "
-                             f"{', '.join(m + FFN_SUFFIX for m in FFN_VARIANT_METHODS)}")
+    ``"dsp+ffn:joint"`` -> ("dsp", "joint") (heads and feed-forward blocks, see :func:`variant_prunes_ffn`);
+    ``"dsp+kd:joint"`` -> ("dsp", "joint") (the reference teaches, see :func:`variant_distills`)."""
+    method, modifiers = _modifiers(variant)
+    mode = variant.partition(":")[2]
+    if FFN_SUFFIX in modifiers and method not in FFN_VARIANT_METHODS:
+        raise ValueError(f"variant {variant!r}: feed-forward blocks are selected by "
+                         f"{', '.join(m + FFN_SUFFIX for m in FFN_VARIANT_METHODS)}")
+    if KD_SUFFIX in modifiers and method not in TRAINED:
+        raise ValueError(f"variant {variant!r}: {KD_SUFFIX} distils while gates train: "
+                         f"{', '.join(m + KD_SUFFIX for m in TRAINED)}")
     if method in TRAINED:
         if mode not in ("joint", "pipelined"):
             raise ValueError(f"variant {variant!r}: a trained method needs :joint or :pipelined")
@@ -177,6 +209,8 @@ def study_config_from_dict(data: dict, where: str = "config") -> StudyConfig:
             parse_variant(variant)
         except ValueError as err:
             errors.append(f"variants: {err}")
+    if config.joint.init not in ("pretrained", "finetuned"):
+        errors.append(f"joint.init: must be pretrained or finetuned, got {config.joint.init!r}")
     if any(not 0 < f < 1 for f in config.flops_fractions):
         errors.append(f"flops_fractions: each must be in (0, 1), got {list(config.flops_fractions)}")
     if not config.seeds or not config.keeps or not config.variants:
@@ -411,8 +445,9 @@ def _gate_options(ctx: Context, method: str, steps: int) -> tuple[float, dict]:
                                  "cooldown_steps": max(1, int(cfg.dsp.cooldown_fraction * steps))}
     if method == "ste":
         return cfg.ste.gate_lr, {}
-    return cfg.hardconcrete.gate_lr, {"penalty": cfg.hardconcrete.penalty,
-                                      "temperature": cfg.hardconcrete.temperature}
+    hc = cfg.hardconcrete
+    return hc.gate_lr, {"penalty": hc.penalty, "temperature": hc.temperature,
+                        "penalty_warmup_steps": int(hc.penalty_warmup_fraction * steps)}
 
 
 def gate_trainer(ctx: Context, method: str, mode: str, seed: int, steps: int, gate_lr: float, record: dict):
@@ -480,8 +515,15 @@ def run_row(ctx: Context, job: Job) -> dict:
     method, mode = parse_variant(job.variant)
     start = time.perf_counter()
     record: dict = {"train_steps": 0, "train_seconds": 0.0}
-    model = ctx.pretrained(job.seed) if mode == "joint" else ctx.reference(job.seed)
+    from_pretrained = mode == "joint" and cfg.joint.init == "pretrained"
+    model = ctx.pretrained(job.seed) if from_pretrained else ctx.reference(job.seed)
     layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    hook = None
+    if variant_distills(job.variant):  # before the gates: their penalty is added after the mix
+        from pipeline.training import add_distillation_
+
+        hook = add_distillation_(model, ctx.reference(job.seed), weight=cfg.distill.weight,
+                                 temperature=cfg.distill.temperature)
     torch.manual_seed(job.seed + 1)
     ffn = _ffn_budget(ctx, model, job) if variant_prunes_ffn(job.variant) else None
     if ffn is not None:
@@ -511,12 +553,15 @@ def run_row(ctx: Context, job: Job) -> dict:
 
         selection = select_heads(method, model, job.keep, per_layer=cfg.per_layer, seed=job.seed,
                                  batches_fn=batches_fn, step_fraction=cfg.michel.step_fraction)
+    if hook is not None:
+        hook.remove()
     if mode == "pipelined" and cfg.pipelined.recovery_epochs > 0:
         record.update(recover(ctx, model, selection.mask, job.seed))
     value = ctx.evaluate(model, selection.mask, selection.ffn_mask)
     mask = selection.mask
     row = ctx.base_row(job)
     row.update(variant=job.variant, method=method, mode=mode, keep=job.keep, per_layer=cfg.per_layer,
+               init="pretrained" if from_pretrained else "finetuned",
                value=value, heads_per_layer=mask.sum(1).tolist(),
                kept_heads={str(i): torch.nonzero(r).flatten().tolist() for i, r in enumerate(mask)},
                flops_kept_fraction=_flops_kept(ctx, model, selection), wall_seconds=round(time.perf_counter() - start, 2),
@@ -672,11 +717,18 @@ def _done_keys(out: Path) -> set[str]:
     return {row["key"] for row in read_rows([out]) if "key" in row}
 
 
+def needs_reference(config: StudyConfig, variant: str) -> bool:
+    """Rows that read the seed's fine-tuned reference: all but joint ones from the pretrained model,
+    and those too when the reference teaches (``+kd``)."""
+    joint_from_pretrained = parse_variant(variant)[1] == "joint" and config.joint.init == "pretrained"
+    return not joint_from_pretrained or variant_distills(variant)
+
+
 def plan(config: StudyConfig, out: Path, only, shard) -> tuple[list[Job], list[Job], list[Job]]:
     """(timing, references, rows) still to run, in that order of phases."""
     done = _done_keys(out)
     rows = [job for job in grid(config, only, shard) if job.key not in done]
-    ref_seeds = sorted({job.seed for job in rows if parse_variant(job.variant)[1] != "joint"})
+    ref_seeds = sorted({job.seed for job in rows if needs_reference(config, job.variant)})
     references = [Job("reference", s) for s in ref_seeds
                   if Job("reference", s).key not in done or not (out / f"reference-seed{s}" / "config.json").is_file()]
     timing = [Job("step_time", 0)] if shard[0] == 0 and not only and Job("step_time", 0).key not in done else []

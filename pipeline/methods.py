@@ -79,6 +79,10 @@ class HardConcreteConfig:
         stretch: the interval the sigmoid is stretched to before clipping to [0, 1].
         per_layer: keep ``keep // layers`` heads in every layer.
         eps: keeps the uniform noise and the open probability away from 0 and 1.
+        penalty_warmup_steps: the penalty grows linearly from 0 over this many steps (0: full from
+            the start). Trained from a pretrained model, the classifier knows nothing yet, so the
+            gates' task gradient is noise while the penalty pulls every gate shut; under Adam that
+            pull moves the gates at full learning rate whatever ``penalty`` is.
     """
 
     keep: int
@@ -87,6 +91,7 @@ class HardConcreteConfig:
     stretch: tuple[float, float] = (-0.1, 1.1)
     per_layer: bool = False
     eps: float = 1e-6
+    penalty_warmup_steps: int = 0
 
     def __post_init__(self):
         errors = []
@@ -94,6 +99,8 @@ class HardConcreteConfig:
             errors.append(f"keep must be a positive integer, got {self.keep!r}")
         if self.penalty < 0:
             errors.append(f"penalty must be >= 0, got {self.penalty}")
+        if self.penalty_warmup_steps < 0:
+            errors.append(f"penalty_warmup_steps must be >= 0, got {self.penalty_warmup_steps}")
         if not 0 < self.temperature <= 1:
             errors.append(f"temperature must be in (0, 1], got {self.temperature}")
         low, high = self.stretch
@@ -151,8 +158,11 @@ class HardConcreteGates(nn.Module):
         return torch.clamp(p_open, cfg.eps, 1 - cfg.eps)
 
     def penalty(self) -> torch.Tensor:
-        """lambda * expected L0 norm, the term added to the task loss while training."""
-        return self.config.penalty * self.open_probability().sum()
+        """lambda * expected L0 norm, the term added to the task loss while training (scaled by
+        ``step / penalty_warmup_steps`` during the warm-up)."""
+        warmup = self.config.penalty_warmup_steps
+        scale = min(1.0, self.step / warmup) if warmup else 1.0
+        return self.config.penalty * scale * self.open_probability().sum()
 
     def hardened(self) -> torch.Tensor:
         """Exactly K heads: the top-K open probabilities (monotone in ``log_a``, so ties are rare)."""

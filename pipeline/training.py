@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.distributed import Distributed, mean_over_ranks, shard, wrap
@@ -106,6 +107,40 @@ def train(
     bar.close()
     model.eval()
     return TrainResult(steps, time.perf_counter() - start, float(np.mean(losses[-log_every:])), log)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``temperature**2 * KL(softmax(teacher / T) || softmax(student / T))``, the mean over the batch
+    (Hinton et al., 2015); mean squared error when there is one output (regression)."""
+    student, teacher = student.float(), teacher.float()
+    if student.shape[-1] == 1:
+        return F.mse_loss(student, teacher)
+    return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
+                    reduction="batchmean", log_target=True) * temperature**2
+
+
+def add_distillation_(student: nn.Module, teacher: nn.Module, *, weight: float, temperature: float):
+    """Mix a distillation term into ``student``'s training loss, in place; returns the hook handle.
+
+    In training mode, every forward of ``student`` that computes a ``loss`` also runs ``teacher``
+    (eval mode, no gradient) on the same inputs and replaces the loss with
+    ``(1 - weight) * loss + weight * distillation_loss(...)``. Install it before gates that add a
+    penalty to the loss (their hooks run after this one, so the penalty is not scaled).
+    """
+    if not 0 <= weight <= 1:
+        raise ValueError(f"distillation weight must be in [0, 1], got {weight}")
+    teacher.eval().requires_grad_(False)
+
+    def mix(module, args, kwargs, output):
+        if not module.training or getattr(output, "loss", None) is None:
+            return output
+        inputs = {k: v for k, v in kwargs.items() if k != "labels"}
+        with torch.no_grad():
+            target = teacher(*args, **inputs).logits
+        output.loss = (1 - weight) * output.loss + weight * distillation_loss(output.logits, target, temperature)
+        return output
+
+    return student.register_forward_hook(mix, with_kwargs=True)
 
 
 @torch.no_grad()

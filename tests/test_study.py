@@ -147,3 +147,29 @@ def test_merge_reads_earlier_merged_results(study_setup, tmp_path):
     merged = json.loads(earlier.read_text())
     assert len(rows) == len(merged["rows"]) + len(merged["references"]) + len(merged["step_time"])
     assert merge([earlier], tmp_path, "again")["json"].is_file()
+
+
+def test_distilled_rows_train_the_reference_first_and_run(study_setup):
+    root, config_path = study_setup
+    config = load_study_config(config_path, ["variants=[ste+kd:joint, dsp+ffn+kd:joint]", "keeps=[2]",
+                                             "flops_fractions=[]", "ffn_block_size=32", "timing.methods=[]",
+                                             "distill.weight=0.7"])
+    out = root / "kd-run"
+    run_study(config, out, log=lambda _: None)
+    rows = read_rows([out])
+    assert sorted(r["key"] for r in rows if r["kind"] != "step_time") == sorted([
+        "reference|seed=0", "ste+kd:joint|k=2|seed=0", "dsp+ffn+kd:joint|k=2|seed=0"])
+    ste = next(r for r in rows if r["key"] == "ste+kd:joint|k=2|seed=0")
+    assert sum(ste["heads_per_layer"]) == 2 and ste["train_steps"] == 12  # 3 joint epochs of 4 batches
+
+
+def test_joint_rows_from_the_finetuned_reference(study_setup):
+    root, config_path = study_setup
+    config = load_study_config(config_path, ["variants=[ste:joint]", "keeps=[2]", "timing.methods=[]",
+                                             "joint.init=finetuned", "joint.epochs=1"])
+    out = root / "ft-run"
+    run_study(config, out, log=lambda _: None)
+    rows = {r["key"]: r for r in read_rows([out])}
+    assert "reference|seed=0" in rows and rows["ste:joint|k=2|seed=0"]["init"] == "finetuned"
+    with pytest.raises(Exception, match="joint.init"):
+        load_study_config(config_path, ["joint.init=scratch"])

@@ -36,7 +36,7 @@ from pipeline.methods import SCORED_METHODS, FfnBudget, select_heads
 from pipeline.models import load_classifier, load_tokenizer
 from pipeline.run import write_json_atomic
 from pipeline.surgery import save_pruned
-from pipeline.training import linear_warmup_decay, steps_for, train
+from pipeline.training import add_distillation_, linear_warmup_decay, steps_for, train
 
 
 def _plain_finetune(model, encoded, cfg: RunConfig, dist: Distributed):
@@ -176,8 +176,16 @@ def _finetune_and_select(cfg: RunConfig, out, dist: Distributed) -> dict:
     # Scored methods rank the heads of the fine-tuned reference, whatever prune.init says.
     scored = cfg.prune.method in SCORED_METHODS
     gated = (gated_start if gated_start is not None and not scored else model).to(device)
+    distill = cfg.prune.distill
+    # The fine-tuned reference teaches the gated model; the hook goes on before the gates' own.
+    teacher = copy.deepcopy(model).to(device) if distill.weight > 0 and not scored else None
+    hook = add_distillation_(gated, teacher, weight=distill.weight, temperature=distill.temperature) if teacher else None
     torch.manual_seed(rank_seed(cfg.seed + 1, dist.rank))
-    selection, gated_run = _select_heads(gated, encoded, cfg, dist)
+    try:
+        selection, gated_run = _select_heads(gated, encoded, cfg, dist)
+    finally:
+        if hook is not None:
+            hook.remove()
     if not scored:
         check_same_on_every_rank(selection.mask, "the hardened head mask", dist)
     if not dist.is_main:
