@@ -6,7 +6,7 @@ with ``prune_heads_`` and turned into the file the budget's engine runs: a check
 ``int8-dynamic`` preset (``onnx-int8``), from the plain or the fused graph as the quantize stage
 would build it. All layouts are then timed with :func:`benchmarks.timing.interleaved`: each
 measurement in a fresh process with its thread counts fixed before imports, rounds interleaved
-(A B C A B C), medians over rounds. The weights do not change the latency, so the pretrained model
+(A B C A B C), one row per layout from its rounds (``bench.aggregate``). The weights do not change the latency, so the pretrained model
 with a fresh classifier head stands in for the fine-tuned one.
 """
 from __future__ import annotations
@@ -96,5 +96,7 @@ def measure_cost_table(model, layouts: list[dict], *, engine: str, batch: int, s
     for item, result in zip(layouts, results):
         points.append({**item, **{k: result[k] for k in STAT_KEYS},
                        "rounds_p50_ms": result["rounds_p50_ms"], "spread": result["spread"],
+                       "aggregate": result["aggregate"], "rounds": result["rounds"],
+                       "confirmed_rounds": result["confirmed_rounds"],
                        "load_avg": result["load_avg"]})
     return {"points": points, "machine": machine}

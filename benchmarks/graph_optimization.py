@@ -81,7 +81,8 @@ def main(models, out, work, batches, seq, threads, warmup, runs, rounds):
         keys = [(name, p, g) for name in built for p in PRECISIONS for g in GRAPHS]
         specs = [{"engine": "onnxruntime", "model": str(built[name][0][p, g]), "batch": batch, "seq": seq,
                   "warmup": warmup, "runs": runs} for name, p, g in keys]
-        for (name, precision, graph), result in zip(keys, interleaved(specs, threads=threads, rounds=rounds)):
+        results = interleaved(specs, threads=threads, rounds=rounds, aggregate="median")
+        for (name, precision, graph), result in zip(keys, results):
             rows.append({"model": name, "precision": precision, "graph": graph, "engine": "onnxruntime",
                          "device": "cpu", "threads": threads, "batch": batch, "seq": seq,
                          "fused_ops": built[name][1]["fused_ops"][f"{precision}-{graph}"],

@@ -279,7 +279,7 @@ def main(model_dir, out, work, keeps, seed, batches, seq, threads, rounds, warmu
         for i, v in enumerate(variants) for precision in ("fp32", "int8") for batch in batches
     ]
     load_before_timing = list(os.getloadavg())
-    results = interleaved(specs, threads=threads, rounds=rounds)
+    results = interleaved(specs, threads=threads, rounds=rounds, aggregate="median")
     machine_after = machine_info()
     rows = _rows(variants, results, specs, machine_before)
     peak = max(max(r["load_avg"][0] for r in rows), load_before_timing[0], machine_after["load_avg"][0])

@@ -383,6 +383,7 @@ def measurement_warnings(points: Sequence[dict], *, cores: int, threads: int, fi
     :data:`benchmarks.report.MAX_SPREAD`); the timing's own threads do not count as load.
     """
     from benchmarks.report import BUSY_LOAD_FRACTION, MAX_SPREAD
+    from benchmarks.timing import CONFIRM_TOLERANCE
 
     warnings = []
     busiest = max(p["load_avg"][0] for p in points)
@@ -390,7 +391,15 @@ def measurement_warnings(points: Sequence[dict], *, cores: int, threads: int, fi
         warnings.append(f"the machine was busy while the cost table was timed (1-minute load up to {busiest:.2f} on "
                         f"{cores} cores, {threads} of it the timing's): measure again on a quiet machine "
                         "(dsprune plan --force)")
-    unstable = [p for p in points if p["spread"] > MAX_SPREAD]
+    # Rows from the fastest round (bench.aggregate: best) stand when a second round came near it;
+    # medians of rounds when the rounds agree.
+    unconfirmed = [p for p in points if p.get("aggregate") == "best" and p.get("rounds", 1) > 1
+                   and p["confirmed_rounds"] < 2]
+    unstable = [p for p in points if p.get("aggregate") != "best" and p["spread"] > MAX_SPREAD]
+    if unconfirmed:
+        warnings.append(f"{len(unconfirmed)} of {len(points)} layouts had no second round within "
+                        f"{CONFIRM_TOLERANCE:.0%} of their fastest (spread up to "
+                        f"{max(p['spread'] for p in unconfirmed):.2f}x)")
     if unstable:
         warnings.append(f"{len(unstable)} of {len(points)} layouts varied over {MAX_SPREAD:g}x between rounds "
                         f"(up to {max(p['spread'] for p in unstable):.2f}x)")

@@ -20,6 +20,10 @@ BUNDLED_MODEL = "bundled:all-minilm-l6-v2"
 PRUNE_METHODS = ("dsp", "ste", "hardconcrete", "michel", "michel-iterative", "random")
 
 
+# The gates' learning rate per trained method when prune.gate_lr is not set.
+GATE_LR_DEFAULTS = {"dsp": 0.5, "ste": 0.5, "hardconcrete": 0.001}
+
+
 class ConfigError(ValueError):
     """A bad config; ``str()`` is one line listing every problem."""
 
@@ -93,7 +97,7 @@ class PruneConfig:
     per_layer: bool = False
     epochs: float = 1.0
     lr: float = 5e-5
-    gate_lr: float = 0.5
+    gate_lr: float | None = None  # None: the method's default (GATE_LR_DEFAULTS)
     temperature_start: float = 1000.0
     temperature_end: float = 1e-8
     cooldown_fraction: float = 0.5  # of the gated training steps
@@ -103,6 +107,12 @@ class PruneConfig:
     # at flops_seq tokens that may be kept. Replaces keep and ffn.keep_fraction.
     flops_keep_fraction: float | None = None
     flops_seq: int = 128
+
+    @property
+    def effective_gate_lr(self) -> float:
+        """``gate_lr``, or the method's default: hard-concrete gates trained jointly at 0.1 left the
+        model at the majority class (benchmarks/results/study-sst2-minilm-hc-joint-lr0.001.md)."""
+        return self.gate_lr if self.gate_lr is not None else GATE_LR_DEFAULTS.get(self.method, 0.5)
 
     @property
     def prunes_ffn(self) -> bool:
@@ -225,6 +235,7 @@ _CHECKS = {
     ("prune", "ffn", "block_size"): lambda v: v > 0 or "must be a positive number of neurons",
     ("prune", "flops_keep_fraction"): lambda v: 0 < v < 1 or "must be in (0, 1)",
     ("prune", "flops_seq"): lambda v: v > 0 or "must be positive",
+    ("prune", "gate_lr"): lambda v: v > 0 or "must be positive",
     ("prune", "distill", "weight"): lambda v: 0 <= v <= 1 or "must be in [0, 1]",
     ("prune", "distill", "temperature"): lambda v: v > 0 or "must be positive",
     ("model", "attn_implementation"): lambda v: v in ("eager", "sdpa") or "must be eager or sdpa",

@@ -182,6 +182,11 @@ def test_a_busy_or_unstable_table_or_a_loose_fit_is_flagged():
     assert warnings[2] == "the fit misses the measured points by 12.0% RMS (up to 21.1%), more than the 5% margin"
     assert measurement_warnings(quiet, cores=2, threads=2, fit=dataclasses.replace(loose, rms_rel_error=0.04),
                                 margin=0.05) == []
+    # Fastest-round rows: a wide spread is fine when a second round confirms the fastest.
+    best = [{"load_avg": [2.0, 1, 1], "spread": 1.61, "aggregate": "best", "rounds": 5, "confirmed_rounds": 2},
+            {"load_avg": [2.0, 1, 1], "spread": 1.03, "aggregate": "best", "rounds": 5, "confirmed_rounds": 1}]
+    assert measurement_warnings(best, cores=2, threads=2, fit=_fit(1, 1), margin=0.05) == [
+        "1 of 2 layouts had no second round within 5% of their fastest (spread up to 1.03x)"]
 
 
 def test_expected_metric_brackets_the_planned_k():
@@ -398,6 +403,13 @@ def test_run_with_a_budget_trains_the_planned_k_and_checks_it(tmp_path, tokenize
     assert gate["value"] == next(r["p50_ms"] for r in rows if r["variant"] == "pruned/onnx-int8" and r["seq"] == 24)
     assert "[plan] prune.keep = 8: predicted p50" in result.stderr
 
+    from benchmarks.budget_check import main as budget_check
+
+    assert budget_check([str(run_dir), "--out", str(tmp_path / "check.json")]) == 0  # K = every head, and it meets
+    checked = json.loads((tmp_path / "check.json").read_text())
+    assert checked["within_one_step"] and checked["layouts"]["planned"]["keep"] == 8
+    assert checked["layouts"]["planned"]["value_ms"] > 0
+
     again = run_cli("run", "-c", str(config))
     assert again.returncode == 0 and again.stderr.count("up to date, skipped") == 9, again.stderr[-2000:]
     # An impossible budget: the plan reruns on the cached table and the run stops before training, exit 2.
@@ -405,3 +417,22 @@ def test_run_with_a_budget_trains_the_planned_k_and_checks_it(tmp_path, tokenize
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "[finetune]" not in refused.stderr and "is out of reach on this machine" in refused.stderr
     assert json.loads((run_dir / "manifest.json").read_text())["stages"]["plan"]["summary"]["cost_table"] == "reused"
+
+
+def test_budget_check_grows_the_mask_by_the_gates_ranking():
+    from benchmarks.budget_check import layouts_to_check
+
+    logits = [[1e6 + 3, 5.0, 1e6 + 1, -2.0], [4.0, 1e6 + 2, 6.0, 0.5], [0.1, 0.2, 0.3, 1e6]]
+    kept = {"0": [0, 2], "1": [1], "2": [3]}
+    layouts = layouts_to_check(logits, kept, step=2)
+    # the next two heads outside the mask: (1, 2) at 6.0 and (0, 1) at 5.0
+    assert layouts == {"unpruned": [4, 4, 4], "planned": [2, 1, 1], "planned+step": [3, 2, 1]}
+    assert layouts_to_check(logits, kept, step=20)["planned+step"] == [4, 4, 4]
+
+
+def test_budget_check_refuses_a_run_without_a_budget(tmp_path, capsys):
+    from benchmarks.budget_check import main as budget_check
+
+    (tmp_path / "config.json").write_text("{}")
+    assert budget_check([str(tmp_path)]) == 2
+    assert "budget: no target set" in capsys.readouterr().err

@@ -139,3 +139,13 @@ def test_finetune_stage_distils_from_the_reference(tmp_path):
     mask = json.loads((folder.path / "harden" / "mask.json").read_text())
     assert sum(len(v) for v in mask["kept_heads"].values()) == 18
     assert json.loads((folder.path / "finetune" / "metrics.json").read_text())["gated_train"]["steps"] > 0
+
+
+def test_gate_learning_rate_defaults_per_method(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("prune: {method: hardconcrete}\n")
+    assert load_config(path).prune.effective_gate_lr == 0.001
+    assert load_config(path, ["prune.method=dsp"]).prune.effective_gate_lr == 0.5
+    assert load_config(path, ["prune.gate_lr=0.1"]).prune.effective_gate_lr == 0.1
+    with pytest.raises(ConfigError, match=r"prune\.gate_lr: must be positive"):
+        load_config(path, ["prune.gate_lr=0"])

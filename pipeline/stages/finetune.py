@@ -80,7 +80,7 @@ def _select_heads(model, encoded, cfg: RunConfig, dist: Distributed):
     def train_gates(model, gates):
         if dist.enabled:
             seed_gate_noise_(gates, cfg.seed + 1, dist)
-        groups = [{"params": list(gates.parameters()), "lr": pr.gate_lr, "weight_decay": 0.0}]
+        groups = [{"params": list(gates.parameters()), "lr": pr.effective_gate_lr, "weight_decay": 0.0}]
         weights = [p for n, p in model.named_parameters() if not n.startswith("head_gates.")]
         if pr.mode == "joint":
             groups.append({"params": weights, "lr": pr.lr, "weight_decay": ft.weight_decay})

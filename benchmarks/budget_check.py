@@ -1,0 +1,115 @@
+"""Was the planned K the largest that meets the budget? Time K and K + step heads on this machine.
+
+    python -m benchmarks.budget_check RUN_DIR [--step 6] [--out FILE]
+
+A run with a latency budget (``dsprune run -c`` with ``budget:``) trained exactly K heads. This
+times three layouts with the budget's engine, batch and sequence length and the run's bench
+settings, interleaved, each round in fresh processes: the unpruned model, the run's mask (its
+heads per layer), and that mask plus the ``step`` next heads in the gates' ranking
+(``finetune/gates.json``), i.e. what training with K + step would most likely have kept. As in the
+plan stage, the pretrained weights stand in for the trained ones (latency does not depend on them).
+
+K is "within one step of the largest K that meets the budget" when K meets it and K + step does
+not; when K + step meets it too, the planner was too cautious by at least a step. Prints one line
+per layout and writes the JSON when ``--out`` is given. Exit 0 when K is within one step, 1 when
+not (K misses, or K + step also meets), 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def layouts_to_check(logits: list[list[float]], kept: dict[str, list[int]], step: int) -> dict[str, list[int]]:
+    """Heads per layer of the unpruned model, the kept mask, and the mask plus the ``step`` best-ranked
+    heads outside it (ties keep the lower layer, then the lower head)."""
+    num_layers, heads = len(logits), len(logits[0])
+    mask = {(int(layer), h) for layer, hs in kept.items() for h in hs}
+    outside = sorted(((-logits[layer][h], layer, h) for layer in range(num_layers) for h in range(heads)
+                      if (layer, h) not in mask))
+    grown = mask | {(layer, h) for _, layer, h in outside[:step]}
+
+    def per_layer(heads_kept):
+        return [sum(1 for layer, _ in heads_kept if layer == i) for i in range(num_layers)]
+
+    return {"unpruned": [heads] * num_layers, "planned": per_layer(mask), "planned+step": per_layer(grown)}
+
+
+def check(run_dir: Path, step: int, log=print) -> dict:
+    from benchmarks.cost_table import build_layout
+    from benchmarks.timing import interleaved, machine_info
+    from pipeline import budget as planner
+    from pipeline.config import config_from_dict
+    from pipeline.evaluation import task_spec
+    from pipeline.models import load_classifier
+    from pipeline.stages.plan import _graph
+
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    if not cfg.budget.active:
+        raise ValueError(f"{run_dir / 'config.json'}: budget: no target set; this run has no latency budget")
+    kept = json.loads((run_dir / "harden" / "mask.json").read_text())["kept_heads"]
+    logits = json.loads((run_dir / "finetune" / "gates.json").read_text())["logits"]
+    layouts = layouts_to_check(logits, kept, step)
+    task = task_spec(cfg)
+    model = load_classifier(cfg.model, task.num_labels, task.label_names)
+    b, budget = cfg.bench, cfg.budget
+    graph = _graph(cfg)
+    with tempfile.TemporaryDirectory(prefix="dsprune-budget-check-") as work:
+        specs = []
+        for name, layout in layouts.items():
+            engine, path = build_layout(model, layout, Path(work) / name, engine=budget.engine,
+                                        opset=cfg.export.opset, graph="plain" if graph == "torch" else graph)
+            specs.append({"engine": engine, "model": str(path), "batch": budget.batch, "seq": budget.seq,
+                          "warmup": b.warmup, "runs": b.runs, "min_seconds": b.min_seconds})
+        machine = machine_info()
+        results = interleaved(specs, threads=b.threads, rounds=b.rounds, aggregate=b.aggregate)
+    measured = dict(zip(layouts, results))
+    field = budget.target_fields[0]
+    target = planner.resolve_target(field, getattr(budget, field), percentile=budget.percentile,
+                                    batch=budget.batch, unpruned_ms=measured["unpruned"])
+    rows = {}
+    for name, layout in layouts.items():
+        value = measured[name][target.statistic]
+        rows[name] = {"keep": sum(layout), "layout": layout, "value_ms": value,
+                      "fraction_of_unpruned": value / measured["unpruned"][target.statistic],
+                      "meets": value <= target.latency_ms, "rounds_p50_ms": measured[name]["rounds_p50_ms"],
+                      "confirmed_rounds": measured[name]["confirmed_rounds"]}
+        log(f"{name:13s} K={sum(layout):2d} {layout}: {target.statistic} {value:.3f} ms = "
+            f"{rows[name]['fraction_of_unpruned']:.3f} x unpruned; {'meets' if rows[name]['meets'] else 'misses'} "
+            f"{target.describe()}")
+    larger = rows["planned+step"]["keep"] > rows["planned"]["keep"]  # none when K keeps every head
+    within = rows["planned"]["meets"] and not (larger and rows["planned+step"]["meets"])
+    verdict = ("K is within one step of the largest K that meets the budget" if within else
+               "K misses the budget" if not rows["planned"]["meets"] else
+               f"K + {step} meets the budget too: the plan was too cautious")
+    log(verdict)
+    return {"run_dir": str(run_dir), "step": step, "target": {**vars(target), "description": target.describe()},
+            "engine": budget.engine, "layouts": rows, "within_one_step": within, "verdict": verdict,
+            "machine": machine}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.budget_check", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--step", type=int, default=6, help="heads added to the planned K (default 6)")
+    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        if args.step < 1:
+            raise ValueError(f"--step: must be >= 1, got {args.step}")
+        result = check(args.run_dir, args.step)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        from pipeline.files import write_json_atomic
+
+        write_json_atomic(args.out, result)
+    return 0 if result["within_one_step"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
