@@ -158,11 +158,12 @@ def interleaved(specs: list[dict], *, threads: int, rounds: int = 3, aggregate: 
     How rounds become one row (``aggregate``):
 
     - ``"best"`` (default): the statistics of the round with the lowest p50. On the 2-core VM
-      here, whole processes ran 1.5x slower at times (two threads, a vCPU taken away by the host;
-      one thread stayed steady), so each round is fast or slow, and the median of five rounds
-      flipped between the two modes from one bench run to the next (31% apart). Interference only
-      adds time, so the best round is the reproducible one: it moved at most 3% between two runs
-      of the same grid. ``confirmed_rounds`` says how many rounds came within
+      here, whole processes ran 1.5x slower at times with two threads (with one thread the same
+      model stayed steady; a vCPU lent elsewhere for a while is the likeliest cause), so each
+      round is fast or slow, and the median of five rounds flipped between the two modes from one
+      bench run to the next (31% apart). Interference only adds time, so the best round is the
+      reproducible one: it moved at most 2.4% between two runs of the same grid
+      (benchmarks/results/bench-spread-cpu.md). ``confirmed_rounds`` says how many rounds came within
       ``CONFIRM_TOLERANCE`` of it; one alone means the best round may be luck or the machine was
       busy throughout (the report warns).
     - ``"median"``: the median over rounds of each of ``STAT_KEYS``.
