@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -39,8 +38,7 @@ def layouts_to_check(logits: list[list[float]], kept: dict[str, list[int]], step
 
 
 def check(run_dir: Path, step: int, log=print) -> dict:
-    from benchmarks.cost_table import build_layout
-    from benchmarks.timing import interleaved, machine_info
+    from benchmarks.cost_table import measure_cost_table
     from pipeline import budget as planner
     from pipeline.config import config_from_dict
     from pipeline.evaluation import task_spec
@@ -57,16 +55,13 @@ def check(run_dir: Path, step: int, log=print) -> dict:
     model = load_classifier(cfg.model, task.num_labels, task.label_names)
     b, budget = cfg.bench, cfg.budget
     graph = _graph(cfg)
-    with tempfile.TemporaryDirectory(prefix="dsprune-budget-check-") as work:
-        specs = []
-        for name, layout in layouts.items():
-            engine, path = build_layout(model, layout, Path(work) / name, engine=budget.engine,
-                                        opset=cfg.export.opset, graph="plain" if graph == "torch" else graph)
-            specs.append({"engine": engine, "model": str(path), "batch": budget.batch, "seq": budget.seq,
-                          "warmup": b.warmup, "runs": b.runs, "min_seconds": b.min_seconds})
-        machine = machine_info()
-        results = interleaved(specs, threads=b.threads, rounds=b.rounds, aggregate=b.aggregate)
-    measured = dict(zip(layouts, results))
+    timed = measure_cost_table(model, [{"name": name, "layout": layout} for name, layout in layouts.items()],
+                               engine=budget.engine, batch=budget.batch, seq=budget.seq, threads=b.threads,
+                               warmup=b.warmup, runs=b.runs, rounds=b.rounds, min_seconds=b.min_seconds,
+                               aggregate=b.aggregate, opset=cfg.export.opset,
+                               graph="plain" if graph == "torch" else graph)
+    measured = {point["name"]: point for point in timed["points"]}
+    machine = timed["machine"]
     field = budget.target_fields[0]
     target = planner.resolve_target(field, getattr(budget, field), percentile=budget.percentile,
                                     batch=budget.batch, unpruned_ms=measured["unpruned"])

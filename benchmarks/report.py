@@ -249,17 +249,23 @@ def _batch1_points(report: dict) -> tuple[int | None, list[tuple[dict, dict]]]:
     return seq, [(v, r) for v, r in rows if r["seq"] == seq]
 
 
+def unsettled_rounds(row: dict) -> str | None:
+    """Why a timed row's rounds do not settle its value, or None: a fastest-round row
+    (``aggregate: best``) whose fastest round no second round came near, or a median over rounds
+    spread above ``MAX_SPREAD``. The plan stage judges its cost table with the same rule."""
+    if row.get("aggregate") == "best" and row.get("rounds", 1) > 1:
+        return f"best round unconfirmed, spread {row['spread']:.2f}" if row["confirmed_rounds"] < 2 else None
+    return f"spread {row['spread']:.2f}" if row["spread"] > MAX_SPREAD else None
+
+
 def _noise(row: dict, cores: int) -> list[str]:
     """Why a latency row may be noisy (a busy machine, unstable rounds); empty when it looks clean."""
     reasons = []
     if row["load_avg"][0] - row["threads"] > BUSY_LOAD_FRACTION * cores:
         reasons.append(f"load {row['load_avg'][0]:.2f} on {cores} cores, {row['threads']} of it the benchmark's")
-    if row.get("aggregate") == "best" and row.get("rounds", 1) > 1:
-        # The best round stands for the row: noisy only when no other round came near it.
-        if row["confirmed_rounds"] < 2:
-            reasons.append(f"best round unconfirmed, spread {row['spread']:.2f}")
-    elif row["spread"] > MAX_SPREAD:
-        reasons.append(f"spread {row['spread']:.2f}")
+    unsettled = unsettled_rounds(row)
+    if unsettled:
+        reasons.append(unsettled)
     return reasons
 
 

@@ -382,7 +382,7 @@ def measurement_warnings(points: Sequence[dict], *, cores: int, threads: int, fi
     The busy and unstable thresholds are the report's (:data:`benchmarks.report.BUSY_LOAD_FRACTION`,
     :data:`benchmarks.report.MAX_SPREAD`); the timing's own threads do not count as load.
     """
-    from benchmarks.report import BUSY_LOAD_FRACTION, MAX_SPREAD
+    from benchmarks.report import BUSY_LOAD_FRACTION, MAX_SPREAD, unsettled_rounds
     from benchmarks.timing import CONFIRM_TOLERANCE
 
     warnings = []
@@ -391,11 +391,9 @@ def measurement_warnings(points: Sequence[dict], *, cores: int, threads: int, fi
         warnings.append(f"the machine was busy while the cost table was timed (1-minute load up to {busiest:.2f} on "
                         f"{cores} cores, {threads} of it the timing's): measure again on a quiet machine "
                         "(dsprune plan --force)")
-    # Rows from the fastest round (bench.aggregate: best) stand when a second round came near it;
-    # medians of rounds when the rounds agree.
-    unconfirmed = [p for p in points if p.get("aggregate") == "best" and p.get("rounds", 1) > 1
-                   and p["confirmed_rounds"] < 2]
-    unstable = [p for p in points if p.get("aggregate") != "best" and p["spread"] > MAX_SPREAD]
+    unsettled = [p for p in points if unsettled_rounds(p)]
+    unconfirmed = [p for p in unsettled if p.get("aggregate") == "best"]
+    unstable = [p for p in unsettled if p.get("aggregate") != "best"]
     if unconfirmed:
         warnings.append(f"{len(unconfirmed)} of {len(points)} layouts had no second round within "
                         f"{CONFIRM_TOLERANCE:.0%} of their fastest (spread up to "

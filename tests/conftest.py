@@ -105,6 +105,24 @@ def smoke_run(tmp_path_factory):
     return run_dir, result
 
 
+def finetune_and_harden(tmp_path: Path, *overrides: str) -> Path:
+    """The finetune and harden stages of configs/tiny-smoke.yaml on 32 SST-2 training examples, with
+    ``overrides`` (``key=value``); returns the run folder. Skips without the GLUE data."""
+    from pipeline.config import load_config
+    from pipeline.run import STAGES, prepare_run_folder
+
+    if not (GLUE / "SST-2").is_dir():
+        pytest.skip("needs ../shared/data/glue/SST-2")
+    cfg = load_config(ROOT / "configs" / "tiny-smoke.yaml", [
+        f"run_dir={tmp_path / 'run'}", *overrides,
+        f"data.train={GLUE / 'SST-2' / 'train.tsv'}", f"data.dev={GLUE / 'SST-2' / 'dev.tsv'}",
+        "data.max_train_examples=32", "data.max_eval_examples=16"])
+    folder = prepare_run_folder(cfg)
+    for stage in STAGES[:2]:
+        folder.run_stage(stage, cfg, log=lambda message: None)
+    return folder.path
+
+
 def copy_run(run_dir: Path, dest: Path) -> Path:
     shutil.copytree(run_dir, dest)
     config = json.loads((dest / "config.json").read_text())

@@ -124,21 +124,12 @@ def test_study_kd_variants_parse_and_need_the_reference(tmp_path):
 
 @pytest.mark.integration
 def test_finetune_stage_distils_from_the_reference(tmp_path):
-    from conftest import GLUE, ROOT
-    from pipeline.run import STAGES, prepare_run_folder
+    from conftest import finetune_and_harden
 
-    if not (GLUE / "SST-2").is_dir():
-        pytest.skip("needs ../shared/data/glue/SST-2")
-    cfg = load_config(ROOT / "configs" / "tiny-smoke.yaml", [
-        f"run_dir={tmp_path / 'run'}", "prune.method=dsp", "prune.keep=18", "prune.distill.weight=0.5",
-        f"data.train={GLUE / 'SST-2' / 'train.tsv'}", f"data.dev={GLUE / 'SST-2' / 'dev.tsv'}",
-        "data.max_train_examples=32", "data.max_eval_examples=16"])
-    folder = prepare_run_folder(cfg)
-    for stage in STAGES[:2]:
-        folder.run_stage(stage, cfg, log=lambda message: None)
-    mask = json.loads((folder.path / "harden" / "mask.json").read_text())
+    run = finetune_and_harden(tmp_path, "prune.method=dsp", "prune.keep=18", "prune.distill.weight=0.5")
+    mask = json.loads((run / "harden" / "mask.json").read_text())
     assert sum(len(v) for v in mask["kept_heads"].values()) == 18
-    assert json.loads((folder.path / "finetune" / "metrics.json").read_text())["gated_train"]["steps"] > 0
+    assert json.loads((run / "finetune" / "metrics.json").read_text())["gated_train"]["steps"] > 0
 
 
 def test_gate_learning_rate_defaults_per_method(tmp_path):

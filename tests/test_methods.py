@@ -206,22 +206,12 @@ def test_methods_refuse_impossible_budgets():
 @pytest.mark.parametrize("method", ["michel-iterative", "hardconcrete", "random"])
 def test_pipeline_stages_run_every_method_to_exactly_k(method, tmp_path):
     """The finetune and harden stages dispatch on prune.method and end with exactly K heads."""
-    from conftest import GLUE, ROOT
-    from pipeline.config import load_config
-    from pipeline.run import STAGES, prepare_run_folder
+    from conftest import finetune_and_harden
 
-    if not (GLUE / "SST-2").is_dir():
-        pytest.skip("needs ../shared/data/glue/SST-2")
-    cfg = load_config(ROOT / "configs" / "tiny-smoke.yaml", [
-        f"run_dir={tmp_path / 'run'}", f"prune.method={method}", "prune.keep=18",
-        f"data.train={GLUE / 'SST-2' / 'train.tsv'}", f"data.dev={GLUE / 'SST-2' / 'dev.tsv'}",
-        "data.max_train_examples=32", "data.max_eval_examples=16"])
-    folder = prepare_run_folder(cfg)
-    for stage in STAGES[:2]:
-        folder.run_stage(stage, cfg, log=lambda message: None)
-    mask = json.loads((folder.path / "harden" / "mask.json").read_text())
+    run = finetune_and_harden(tmp_path, f"prune.method={method}", "prune.keep=18")
+    mask = json.loads((run / "harden" / "mask.json").read_text())
     assert sum(len(v) for v in mask["kept_heads"].values()) == 18
-    gates = json.loads((folder.path / "finetune" / "gates.json").read_text())
+    gates = json.loads((run / "finetune" / "gates.json").read_text())
     assert gates["method"] == method
     if method == "hardconcrete":
         assert "penalty_keeps" in gates["info"]
