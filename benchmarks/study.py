@@ -600,15 +600,19 @@ def _flops_kept(ctx: Context, model, selection) -> float:
 
 
 def measure_step_time(ctx: Context) -> dict:
-    """Median training-step time of plain fine-tuning and of each gated method, interleaved by round.
+    """Training-step time of plain fine-tuning and of each gated method, interleaved by round.
 
     The same batches, the same optimizer over the weights; gated steps add the gates' forward and
-    backward and their optimizer group. The GPU is synchronized before each clock read.
+    backward and their optimizer group. The GPU is synchronized before each clock read. A round's
+    figure is its mean step (the total time a run pays: DSP's steps differ before and after the
+    cool-down); the row is the median over rounds. DSP's temperature follows the study's schedule
+    scaled to the timed steps: it cools over ``dsp.cooldown_fraction`` of them, then holds.
     """
     import torch
 
     from pipeline.gates import GATES_ON, remove_head_gates_
     from pipeline.methods import add_method_gates_
+    from pipeline.training import clip_grad_norm_
 
     spec = ctx.config.timing
     model = ctx.pretrained(0)
@@ -619,6 +623,7 @@ def measure_step_time(ctx: Context) -> dict:
     batches = [b for _, b in zip(range(spec.steps + spec.warmup), source)]
     batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in batches]
     use_bf16 = ctx.device.type == "cuda"
+    cooldown_steps = max(1, int(ctx.config.dsp.cooldown_fraction * spec.steps))
 
     def sync():
         if ctx.device.type == "cuda":
@@ -635,24 +640,24 @@ def measure_step_time(ctx: Context) -> dict:
             sync()
             start = time.perf_counter()
             if gates is not None:
-                gates.step = i
+                gates.step = max(0, i - spec.warmup)
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss.item()
             sync()
             if i >= spec.warmup:
                 times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.fmean(times)
 
     def install(method, placement):
         os.environ[GATES_ON] = placement
         try:
             gates = add_method_gates_(model, method, keep, per_layer=ctx.config.per_layer, seed=0,
-                                      **({"cooldown_steps": spec.steps} if method == "dsp" else {}))
+                                      **({"cooldown_steps": cooldown_steps} if method == "dsp" else {}))
         finally:
             os.environ.pop(GATES_ON)
         model.train()
@@ -679,7 +684,8 @@ def measure_step_time(ctx: Context) -> dict:
             "step_ratio": {name: round(medians[name] / medians["plain"], 4) for name in per_round if name != "plain"},
             "profiles": profiles, "timing_placements": list(spec.placements),
             "timing_batch_size": ctx.config.reference.batch_size, "timing_steps": spec.steps,
-            "timing_rounds": spec.rounds, "timing_keep": keep}
+            "timing_rounds": spec.rounds, "timing_keep": keep, "timing_cooldown_steps": cooldown_steps,
+            "timing_statistic": "mean step per round, median over rounds"}
 
 
 def _profile_steps(run, device) -> list[dict]:

@@ -96,12 +96,42 @@ def gumbel_noise(shape, generator: torch.Generator | None = None) -> torch.Tenso
     return -torch.log(-torch.log(u.clamp_min(_EPS)))
 
 
+# Below exp(-745.2) a float64 underflows to exactly 0; 1 - p clamped to _EPS pushes r down by 708.4.
+_UNDERFLOW = 750.0
+_PUSH = 700.0
+
+
+def _saturated_top_k(r: np.ndarray, k: int, temperature: float) -> np.ndarray | None:
+    """The K-hot indicator of ``r``'s top K when every softmax step of the loop is exactly one-hot.
+
+    Step j then picks the j-th largest entry with probability exactly 1.0 (every other entry is
+    more than 745 below it in units of T, so its exp underflows to 0.0) and pushes it down by
+    -log(_EPS) = 708.4, below every entry still unpicked. The loop's output is then this indicator,
+    bit for bit, and its gradient is exactly zero (``p * (dL/dp - <p, dL/dp>)`` vanishes for a one-hot
+    ``p``). It holds once T is small against the gaps of the top K + 1 noisy scores: with Gumbel
+    noise, over most of the cool-down and all of training after it. None when it does not hold.
+    """
+    if k >= r.size:
+        return None
+    order = np.argsort(-r)
+    top = r[order[:k + 1]]
+    if (top[:-1] - top[1:]).min() <= _UNDERFLOW * temperature or top[0] - top[k - 1] >= _PUSH - _UNDERFLOW * temperature:
+        return None
+    hot = np.zeros(r.size)
+    hot[order[:k]] = 1.0
+    return hot
+
+
 class _SoftTopK(torch.autograd.Function):
     """Gumbel-soft-top-K with a hand-written backward pass (NumPy, float64, on the CPU).
 
     Backward, with ``a_j = dL/dr_j`` and ``g = dL/dmask``: ``a_K = 0``;
     ``dL/dp_j = g - a_{j+1} / (1 - p_j)`` (zero where ``1 - p_j`` was clamped);
     ``a_j = a_{j+1} + p_j * (dL/dp_j - <p_j, dL/dp_j>) / T``; ``dL/dlogits = a_0``.
+
+    When every step is exactly one-hot (:func:`_saturated_top_k`) the loop is skipped: same output,
+    zero gradient. Otherwise each step is ten NumPy calls on preallocated arrays: on a GPU the step's
+    host time is the training step's critical path.
     """
 
     @staticmethod
@@ -109,22 +139,32 @@ class _SoftTopK(torch.autograd.Function):
         r = logits.detach().to("cpu", torch.float64).numpy().copy()
         if gumbel is not None:
             r += gumbel.numpy()
-        probs, clamped = np.empty((k, r.size)), np.empty((k, r.size), dtype=bool)
-        for j in range(k):
-            s = r / temperature
-            e = np.exp(s - s.max())
-            p = e / e.sum()
-            probs[j] = p
-            rest = 1.0 - p
-            clamped[j] = rest < _EPS
-            r += np.log(np.maximum(rest, _EPS))
-        ctx.save_for_backward(torch.from_numpy(probs), torch.from_numpy(clamped))
         ctx.temperature = temperature
-        return torch.from_numpy(probs.sum(0)).to(logits.device, logits.dtype)
+        hot = _saturated_top_k(r, k, temperature)
+        if hot is not None:
+            ctx.saturated = True
+            return torch.from_numpy(hot).to(logits.device, logits.dtype)
+        ctx.saturated = False
+        probs, rest = np.empty((k, r.size)), np.empty(r.size)
+        for j in range(k):
+            p = probs[j]
+            np.divide(r, temperature, out=p)
+            p -= np.maximum.reduce(p)
+            np.exp(p, out=p)
+            p /= np.add.reduce(p)
+            np.subtract(1.0, p, out=rest)
+            np.maximum(rest, _EPS, out=rest)
+            np.log(rest, out=rest)
+            r += rest
+        ctx.save_for_backward(torch.from_numpy(probs))
+        return torch.from_numpy(np.add.reduce(probs, 0)).to(logits.device, logits.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        probs, clamped = (t.numpy() for t in ctx.saved_tensors)
+        if ctx.saturated:
+            return torch.zeros_like(grad), None, None, None
+        probs = ctx.saved_tensors[0].numpy()
+        clamped = 1.0 - probs < _EPS
         g = grad.detach().to("cpu", torch.float64).numpy()
         a = np.zeros(probs.shape[1])
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):

@@ -19,6 +19,28 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (one norm over every gradient, one scale for all), one device at a time.
+
+    Gates beside a CUDA model live on the CPU (:func:`pipeline.gates.gate_device`). Given gradients
+    on two devices, torch's own function (2.11) scaled the CUDA ones one kernel at a time: 98 more
+    kernel launches per MiniLM step on an H100, whose training step is bound by launches. Grouped
+    here by device, each group keeps its multi-tensor kernels. Returns the total norm.
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            by_device.setdefault(p.grad.device, []).append(p)
+    if not by_device:
+        return torch.tensor(0.0)
+    first = next(iter(by_device))
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]).to(first) for group in by_device.values()]
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    for group in by_device.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
 def linear_warmup_decay(optimizer, total_steps: int, warmup_steps: int):
     def factor(step):
         if step < warmup_steps:
@@ -92,7 +114,7 @@ def train(
                 shape = tuple(batch["input_ids"].shape)
                 raise ValueError(f"{description}: a batch of shape {shape} does not fit in {device} memory; "
                                  "lower finetune.batch_size or data.max_seq_length") from None
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

@@ -1,6 +1,7 @@
 """Gumbel-soft-top-K, the temperature schedule, hardening and the gate hooks."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,7 +150,7 @@ def _autograd_soft_top_k(r, k, temperature):
     return mask
 
 
-@pytest.mark.parametrize("temperature", [50.0, 1.0, 0.2, 0.05])
+@pytest.mark.parametrize("temperature", [50.0, 1.0, 0.2, 0.05, 1e-3, 1e-8])
 @pytest.mark.parametrize("k", [1, 4, 9])
 def test_hand_written_backward_matches_autograd(temperature, k):
     g = torch.Generator().manual_seed(k)
@@ -163,3 +164,62 @@ def test_hand_written_backward_matches_autograd(temperature, k):
     (mask * upstream).sum().backward()
     (reference * upstream).sum().backward()
     assert torch.allclose(fast.grad, slow.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_saturated_steps_skip_the_loop_only_when_every_step_is_one_hot():
+    from pipeline.gates import _saturated_top_k
+
+    r = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).numpy()
+    hot = _saturated_top_k(r, 4, 1e-8)
+    assert hot is not None and hot.sum() == 4 and set(hot.nonzero()[0]) == set(np.argsort(-r)[:4])
+    assert _saturated_top_k(r, 4, 1.0) is None  # gaps of a unit normal sample are far below 750 T
+    tied = r.copy()
+    order = np.argsort(-r)
+    tied[order[2]] = tied[order[1]] - 1e-9  # the 2nd and 3rd scores 1e-9 apart: that step is not one-hot
+    assert _saturated_top_k(tied, 4, 1e-8) is None
+    assert _saturated_top_k(r, 12, 1e-8) is None  # K = n: no K + 1-th score to compare with
+    wide = r.copy()
+    wide[order[0]] += 1000.0  # picked and pushed by 708, it would still lead: the loop picks it twice
+    assert _saturated_top_k(wide, 4, 1e-8) is None
+
+
+@pytest.mark.parametrize("gap", [1e-9, 1e-6, 1e-3])
+def test_near_ties_at_low_temperature_match_autograd(gap):
+    """Two of the top K + 1 scores 1e-9 to 1e-3 apart at T = 1e-8: the loop runs below the one-hot
+    shortcut's threshold (750 T), the shortcut above it, and both agree with autograd."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(12, dtype=torch.float64, generator=g)
+    order = torch.argsort(logits, descending=True)
+    logits[order[3]] = logits[order[2]] - gap
+    upstream = torch.randn(12, dtype=torch.float64, generator=g)
+    fast = logits.clone().requires_grad_(True)
+    slow = logits.clone().requires_grad_(True)
+    mask = gumbel_soft_top_k(fast, 4, 1e-8, noise=False)
+    reference = _autograd_soft_top_k(slow, 4, 1e-8)
+    assert torch.equal(mask, reference)
+    (mask * upstream).sum().backward()
+    (reference * upstream).sum().backward()
+    assert torch.allclose(fast.grad, slow.grad, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1e6])
+def test_clip_by_device_group_matches_torch(max_norm):
+    """The per-device clipping of gated training: torch's global norm and scale, float32 weights
+    beside float64 gates; a large max_norm leaves the gradients as they were."""
+    from pipeline.training import clip_grad_norm_
+
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g), torch.randn(6, 12, dtype=torch.float64, generator=g)]
+    theirs = [t.clone() for t in ours]
+    params = []
+    for tensors in (ours, theirs):
+        group = [torch.nn.Parameter(torch.zeros_like(t)) for t in tensors]
+        for p, t in zip(group, tensors):
+            p.grad = t
+        params.append(group)
+    params[0].append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: skipped, as torch skips it
+    total = clip_grad_norm_(params[0], max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(params[1], max_norm)
+    assert torch.allclose(total.double(), expected.double(), rtol=1e-6)
+    for a, b in zip(params[0], params[1]):
+        assert a.grad.dtype == b.grad.dtype and torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)
