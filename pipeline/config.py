@@ -180,9 +180,10 @@ class BudgetConfig:
     device: str = "cpu"
     percentile: str = "p50"  # of latency budgets; throughput uses the mean
     # The planned K's predicted latency x (1 + margin) must meet the target. On MiniLM one head is
-    # about 0.5% of the latency: 2% leaves room for a quiet machine's fit error (2.3% at worst, 1.3%
-    # RMS here) and keeps K within a step of 6 heads of the largest K that meets the target.
-    margin: float = 0.02
+    # about 0.5% of the latency and 6 heads about 3.4%. The fit itself is within 1% here, but the
+    # unpruned model's p50, which every fraction divides by, moved 2-4% between timing sessions
+    # minutes apart (benchmarks/results/latency-budget-cpu.md): 2% missed a 75% budget by 0.5%.
+    margin: float = 0.04
     grid: tuple[int, ...] = ()  # heads kept in the timed layouts; empty: all, 3/4, 1/2, 1/4, none
     study: str = ""  # a study result (benchmarks/results/study-*.json) for the expected metric at K
 
