@@ -180,10 +180,12 @@ class BudgetConfig:
     device: str = "cpu"
     percentile: str = "p50"  # of latency budgets; throughput uses the mean
     # The planned K's predicted latency x (1 + margin) must meet the target. On MiniLM one head is
-    # about 0.5% of the latency and 6 heads about 3.4%. The fit itself is within 1% here, but the
-    # unpruned model's p50, which every fraction divides by, moved 2-4% between timing sessions
-    # minutes apart (benchmarks/results/latency-budget-cpu.md): 2% missed a 75% budget by 0.5%.
-    margin: float = 0.04
+    # about 0.5% of the latency and 6 heads 3-4%. On the 2-core VM here the plan's predicted
+    # fraction and the measured one differed by up to 2.5% either way, and two timings of the same
+    # files minutes apart by up to 6% (benchmarks/results/latency-budget-cpu.md, series 3 and 4):
+    # 2% met 2 of 3 budgets within one step (75% missed by 0.5%); 4% met 2 of 3 but was a step too
+    # cautious on both. Raise it where a missed budget costs more than a step of heads.
+    margin: float = 0.02
     grid: tuple[int, ...] = ()  # heads kept in the timed layouts; empty: all, 3/4, 1/2, 1/4, none
     study: str = ""  # a study result (benchmarks/results/study-*.json) for the expected metric at K
 

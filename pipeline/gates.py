@@ -111,7 +111,7 @@ def _saturated_top_k(r: np.ndarray, k: int, temperature: float) -> np.ndarray | 
     ``p``). It holds once T is small against the gaps of the top K + 1 noisy scores: with Gumbel
     noise, over most of the cool-down and all of training after it. None when it does not hold.
     """
-    if k >= r.size:
+    if not 0 < k < r.size:
         return None
     order = np.argsort(-r)
     top = r[order[:k + 1]]

@@ -178,6 +178,8 @@ def test_saturated_steps_skip_the_loop_only_when_every_step_is_one_hot():
     tied[order[2]] = tied[order[1]] - 1e-9  # the 2nd and 3rd scores 1e-9 apart: that step is not one-hot
     assert _saturated_top_k(tied, 4, 1e-8) is None
     assert _saturated_top_k(r, 12, 1e-8) is None  # K = n: no K + 1-th score to compare with
+    assert _saturated_top_k(r, 0, 1e-8) is None  # K = 0: the loop returns zeros
+    assert gumbel_soft_top_k(torch.from_numpy(r), 0, 1e-8).sum() == 0
     wide = r.copy()
     wide[order[0]] += 1000.0  # picked and pushed by 708, it would still lead: the loop picks it twice
     assert _saturated_top_k(wide, 4, 1e-8) is None
