@@ -236,14 +236,23 @@ def run_pipeline(cfg: RunConfig, *, only: str | None = None, force: bool = False
     Raises:
         GateFailed: from the report stage when a configured bound (the budget included) is crossed.
         BudgetUnreachable: the budget is predicted out of reach; raised before any training.
+        ValueError: a budget under a multi-process launch without a current plan (``dsprune plan`` first).
     """
-    from pipeline.distributed import is_main_process  # here: it imports torch
+    from pipeline.distributed import launched  # here: it imports torch
 
-    main = is_main_process()
+    dist = launched()
+    main = dist.is_main
+    folder = RunFolder(Path(cfg.run_dir))
+    if cfg.budget.active and dist.enabled and (force or not folder.is_current(PLAN_STAGE, cfg)):
+        # Rank 0 would time the cost table for minutes while the other ranks read a plan not yet
+        # written (or an old one): every rank sees the same folder and stops with the same line.
+        raise ValueError(f"budget: {dist.world_size} processes launched, and training one needs a current plan in "
+                         f"{folder.path / 'plan'} first (its cost table is timed in one process): run "
+                         "`dsprune plan -c CONFIG` with the same settings, then launch without --force")
     if main:
         folder = prepare_run_folder(cfg)
     else:
-        folder, log = RunFolder(Path(cfg.run_dir)), _silent
+        log = _silent
     if cfg.budget.active and only is None and main:
         cfg = plan_budget(folder, cfg, force=force, log=log)
     elif cfg.budget.active:

@@ -365,6 +365,36 @@ def test_plan_command_prints_k_and_the_curve_and_refuses_the_unreachable(tmp_pat
     assert "[plan] up to date, skipped" in run.stderr and not (run_dir / "finetune").exists()
 
 
+def test_a_multi_process_launch_trains_only_a_plan_made_before_it(tmp_path, monkeypatch):
+    """Under torchrun, rank 0 would time the cost table for minutes while the other ranks read a plan
+    not yet written: every rank needs a current plan (`dsprune plan`, one process) and stops with the
+    same line without one, or with --force, before anything is written or trained."""
+    from pipeline.run import run_pipeline
+
+    run_dir = tmp_path / "run"
+    overrides = ["budget.margin=0.05", "budget.latency_fraction=null", "budget.latency_ms=8"]
+    _cached_costs(run_dir, overrides, lambda k, e: 4.0 + 0.0625 * k)
+    planned = run_cli("plan", "-c", str(BUDGET_CONFIG), "--set", f"run_dir={run_dir}",
+                      *sum((["--set", o] for o in overrides), []))
+    assert planned.returncode == 0, planned.stderr[-2000:]
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = load_config(BUDGET_CONFIG, [f"run_dir={run_dir}", *overrides])
+    run_pipeline(cfg, only="harden", log=lambda event: None)  # rank 1: the plan is current, nothing to do alone
+    other = load_config(BUDGET_CONFIG, [f"run_dir={run_dir}", *overrides[:-1], "budget.latency_ms=7.5"])
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        for config, force in ((other, False), (cfg, True)):
+            with pytest.raises(ValueError, match=r"^budget: 2 processes launched, .* run `dsprune plan -c CONFIG`"):
+                run_pipeline(config, force=force, log=lambda event: None)
+    assert not (run_dir / "finetune").exists()
+    assert json.loads((run_dir / "plan" / "plan.json").read_text())["target"]["latency_ms"] == 8
+    assert json.loads((run_dir / "config.json").read_text())["budget"]["latency_ms"] == 8  # left as planned
+
+
 @pytest.mark.integration
 def test_run_with_a_budget_trains_the_planned_k_and_checks_it(tmp_path, tokenizer):
     """dsprune run end to end on the tiny model: a real cost table, the planned K trained, the budget's
