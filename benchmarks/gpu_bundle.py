@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-TASKS = ("SST-2", "RTE")
+TASKS = ("SST-2", "RTE", "MRPC")
 
 
 @click.command()

@@ -885,7 +885,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {s['variant']} | {budget} | {100 * s['flops_kept_fraction']:.1f}% | "
                          f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} (n={s['n']}) |")
     for timing in result["step_time"]:
-        ratios = ", ".join(f"{m} {100 * (r - 1):+.1f}%" for m, r in timing["step_ratio"].items())
+        ratios = ", ".join(f"{m} {100 * (r - 1):+.1f}%" for m, r in timing["step_ratio"].items()) or "no gated method timed"
         placements = timing.get("timing_placements")
         where = f"; gates on {placements[0]}, or as marked after @" if placements else ""
         lines += ["", f"Training step vs plain fine-tuning ({timing.get('gpu') or timing['device']}, "
