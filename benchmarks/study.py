@@ -605,8 +605,9 @@ def measure_step_time(ctx: Context) -> dict:
     The same batches, the same optimizer over the weights; gated steps add the gates' forward and
     backward and their optimizer group. The GPU is synchronized before each clock read. A round's
     figure is its mean step (the total time a run pays: DSP's steps differ before and after the
-    cool-down); the row is the median over rounds. DSP's temperature follows the study's schedule
-    scaled to the timed steps: it cools over ``dsp.cooldown_fraction`` of them, then holds.
+    cool-down); the row is the median over rounds. The gates take the study's options for a run of
+    the timed steps' length (:func:`_gate_options`): DSP cools over ``dsp.cooldown_fraction`` of
+    them, then holds.
     """
     import torch
 
@@ -623,7 +624,6 @@ def measure_step_time(ctx: Context) -> dict:
     batches = [b for _, b in zip(range(spec.steps + spec.warmup), source)]
     batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in batches]
     use_bf16 = ctx.device.type == "cuda"
-    cooldown_steps = max(1, int(ctx.config.dsp.cooldown_fraction * spec.steps))
 
     def sync():
         if ctx.device.type == "cuda":
@@ -657,7 +657,7 @@ def measure_step_time(ctx: Context) -> dict:
         os.environ[GATES_ON] = placement
         try:
             gates = add_method_gates_(model, method, keep, per_layer=ctx.config.per_layer, seed=0,
-                                      **({"cooldown_steps": cooldown_steps} if method == "dsp" else {}))
+                                      **_gate_options(ctx, method, spec.steps)[1])
         finally:
             os.environ.pop(GATES_ON)
         model.train()
@@ -684,7 +684,8 @@ def measure_step_time(ctx: Context) -> dict:
             "step_ratio": {name: round(medians[name] / medians["plain"], 4) for name in per_round if name != "plain"},
             "profiles": profiles, "timing_placements": list(spec.placements),
             "timing_batch_size": ctx.config.reference.batch_size, "timing_steps": spec.steps,
-            "timing_rounds": spec.rounds, "timing_keep": keep, "timing_cooldown_steps": cooldown_steps,
+            "timing_rounds": spec.rounds, "timing_keep": keep,
+            "timing_cooldown_steps": _gate_options(ctx, "dsp", spec.steps)[1]["cooldown_steps"],
             "timing_statistic": "mean step per round, median over rounds"}
 
 
@@ -885,7 +886,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {s['variant']} | {budget} | {100 * s['flops_kept_fraction']:.1f}% | "
                          f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} (n={s['n']}) |")
     for timing in result["step_time"]:
-        ratios = ", ".join(f"{m} {100 * (r - 1):+.1f}%" for m, r in timing["step_ratio"].items()) or "no gated method timed"
+        ratios = ", ".join(f"{m} {100 * (r - 1):+.1f}%" for m, r in timing["step_ratio"].items())
+        ratios = ratios or "no gated method timed"
         placements = timing.get("timing_placements")
         where = f"; gates on {placements[0]}, or as marked after @" if placements else ""
         lines += ["", f"Training step vs plain fine-tuning ({timing.get('gpu') or timing['device']}, "
