@@ -6,8 +6,8 @@ with ``prune_heads_`` and turned into the file the budget's engine runs: a check
 ``int8-dynamic`` preset (``onnx-int8``), from the plain or the fused graph as the quantize stage
 would build it. All layouts are then timed with :func:`benchmarks.timing.interleaved`: each
 measurement in a fresh process with its thread counts fixed before imports, rounds interleaved
-(A B C A B C), one row per layout from its rounds (``bench.aggregate``). The weights do not change the latency, so the pretrained model
-with a fresh classifier head stands in for the fine-tuned one.
+(A B C A B C), one row per layout from its rounds (``bench.aggregate``). The weights do not
+change the latency, so the pretrained model with a fresh classifier head stands in for the fine-tuned one.
 """
 from __future__ import annotations
 

@@ -115,7 +115,9 @@ def _saturated_top_k(r: np.ndarray, k: int, temperature: float) -> np.ndarray | 
         return None
     order = np.argsort(-r)
     top = r[order[:k + 1]]
-    if (top[:-1] - top[1:]).min() <= _UNDERFLOW * temperature or top[0] - top[k - 1] >= _PUSH - _UNDERFLOW * temperature:
+    gaps_one_hot = (top[:-1] - top[1:]).min() > _UNDERFLOW * temperature
+    pushes_below = top[0] - top[k - 1] < _PUSH - _UNDERFLOW * temperature
+    if not (gaps_one_hot and pushes_below):
         return None
     hot = np.zeros(r.size)
     hot[order[:k]] = 1.0

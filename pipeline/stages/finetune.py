@@ -179,7 +179,8 @@ def _finetune_and_select(cfg: RunConfig, out, dist: Distributed) -> dict:
     distill = cfg.prune.distill
     # The fine-tuned reference teaches the gated model; the hook goes on before the gates' own.
     teacher = copy.deepcopy(model).to(device) if distill.weight > 0 and not scored else None
-    hook = add_distillation_(gated, teacher, weight=distill.weight, temperature=distill.temperature) if teacher else None
+    hook = (add_distillation_(gated, teacher, weight=distill.weight, temperature=distill.temperature)
+            if teacher else None)
     torch.manual_seed(rank_seed(cfg.seed + 1, dist.rank))
     try:
         selection, gated_run = _select_heads(gated, encoded, cfg, dist)
