@@ -1,15 +1,17 @@
-"""CPU latency of plain against fused graphs (onnxruntime's transformer optimizer), fp32 and int8-dynamic.
+"""CPU latency of plain against fused graphs (onnxruntime's transformer optimizer), fp32 and int8-dynamic,
+under onnxruntime's default session settings and under dsprune's (``exporters.onnx.CPU_SESSION_CONFIG``).
 
     python -m benchmarks.graph_optimization --model runs/sst2-minilm/prune/model \\
         --model runs/sst2-minilm/finetune/baseline --out benchmarks/results
 
 Each checkpoint is exported (eager-traced, as the export stage does), fused with
 ``exporters.optimize.optimize_onnx`` (logits checked against the plain graph), and both graphs are
-quantized with ``int8-dynamic``. Every (model, precision, graph, batch) is timed with onnxruntime in
+quantized with ``int8-dynamic``. Every (model, precision, graph, session, batch) is timed with onnxruntime in
 its own process with fixed thread counts, all interleaved over ``--rounds`` rounds; medians over
 rounds are reported. Writes ``graph-optimization-cpu.jsonl`` (flat rows) and
 ``graph-optimization-cpu.md`` (built from the rows) to ``--out``. The quantize stage's choice of
-graph per precision (``quantize.optimize: auto``) is the one these numbers support.
+graph per precision (``quantize.optimize: auto``) and the session config of every CPU session are the
+ones these numbers support.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ JSONL_NAME = "graph-optimization-cpu.jsonl"
 MARKDOWN_NAME = "graph-optimization-cpu.md"
 PRECISIONS = ("fp32", "int8-dynamic")
 GRAPHS = ("plain", "fused")
+# Session config entries per name: None is dsprune's CPU_SESSION_CONFIG, {} onnxruntime's defaults.
+SESSIONS = {"ort-default": {}, "dsprune": None}
 
 
 def build(checkpoint: Path, work: Path) -> tuple[dict[tuple[str, str], Path], dict]:
@@ -78,17 +82,17 @@ def main(models, out, work, batches, seq, threads, warmup, runs, rounds):
     machine = machine_info()
     rows = []
     for batch in (int(b) for b in batches.split(",")):
-        keys = [(name, p, g) for name in built for p in PRECISIONS for g in GRAPHS]
+        keys = [(name, p, g, c) for name in built for p in PRECISIONS for g in GRAPHS for c in SESSIONS]
         specs = [{"engine": "onnxruntime", "model": str(built[name][0][p, g]), "batch": batch, "seq": seq,
-                  "warmup": warmup, "runs": runs} for name, p, g in keys]
+                  "warmup": warmup, "runs": runs, "session_config": SESSIONS[c]} for name, p, g, c in keys]
         results = interleaved(specs, threads=threads, rounds=rounds, aggregate="median")
-        for (name, precision, graph), result in zip(keys, results):
-            rows.append({"model": name, "precision": precision, "graph": graph, "engine": "onnxruntime",
-                         "device": "cpu", "threads": threads, "batch": batch, "seq": seq,
+        for (name, precision, graph, session), result in zip(keys, results):
+            rows.append({"model": name, "precision": precision, "graph": graph, "session": session,
+                         "engine": "onnxruntime", "device": "cpu", "threads": threads, "batch": batch, "seq": seq,
                          "fused_ops": built[name][1]["fused_ops"][f"{precision}-{graph}"],
                          **{k: result[k] for k in ("p50_ms", "p90_ms", "p99_ms", "throughput_per_s", "rounds_p50_ms",
                                                     "spread", "load_avg")}})
-            click.echo(f"{name} {precision} {graph} batch {batch}: p50 {result['p50_ms']:.2f} ms", err=True)
+            click.echo(f"{name} {precision} {graph} {session} batch {batch}: p50 {result['p50_ms']:.2f} ms", err=True)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / JSONL_NAME, "w") as f:
         for row in rows:
@@ -99,10 +103,12 @@ def main(models, out, work, batches, seq, threads, warmup, runs, rounds):
 
 def markdown(rows: list[dict], built: dict, machine: dict, argv: str) -> str:
     """The Markdown report, built from the rows."""
-    by_key = {(r["model"], r["precision"], r["graph"], r["batch"]): r for r in rows}
+    from exporters.onnx import CPU_SESSION_CONFIG
+
+    by_key = {(r["model"], r["precision"], r["graph"], r["session"], r["batch"]): r for r in rows}
     loads = [r["load_avg"][0] for r in rows]
     lines = [
-        "# Plain against fused ONNX graphs on CPU",
+        "# Plain against fused ONNX graphs on CPU, under onnxruntime's and dsprune's session settings",
         "",
         f"`python -m benchmarks.graph_optimization {argv}`",
         "",
@@ -111,14 +117,21 @@ def markdown(rows: list[dict], built: dict, machine: dict, argv: str) -> str:
         f"interleaved, {len(rows[0]['rounds_p50_ms'])} rounds; p50 is the median over rounds. 1-minute load average "
         f"during the rounds: {min(loads):.2f} to {max(loads):.2f} on {machine['usable_cores']} cores.",
         "",
-        "| model | precision | batch | plain p50 ms | fused p50 ms | fused / plain | fused ops |",
-        "|---|---|---|---|---|---|---|",
+        "Sessions: `ort-default` is onnxruntime's defaults (all graph optimizations); `dsprune` adds the config "
+        "entries of `exporters.onnx.CPU_SESSION_CONFIG`: " + ", ".join(
+            f"`{k}={v}`" for k, v in CPU_SESSION_CONFIG.items()) + ".",
+        "",
+        "| model | precision | batch | plain, ort-default | plain, dsprune | dsprune / ort-default | "
+        "fused, ort-default | fused, dsprune | fused / plain (dsprune) | fused ops |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for model, precision, _, batch in sorted({(m, p, "", b) for m, p, _, b in by_key}):
-        plain, fused = by_key[model, precision, "plain", batch], by_key[model, precision, "fused", batch]
-        ops = ", ".join(f"{k} {v}" for k, v in fused["fused_ops"].items())
-        lines.append(f"| {model} | {precision} | {batch} | {plain['p50_ms']:.2f} | {fused['p50_ms']:.2f} | "
-                     f"{fused['p50_ms'] / plain['p50_ms']:.2f} | {ops} |")
+    for model, precision, batch in sorted({(m, p, b) for m, p, _, _, b in by_key}):
+        cell = {(g, c): by_key[model, precision, g, c, batch]["p50_ms"] for g in GRAPHS for c in SESSIONS}
+        ops = ", ".join(f"{k} {v}" for k, v in by_key[model, precision, "fused", "dsprune", batch]["fused_ops"].items())
+        lines.append(
+            f"| {model} | {precision} | {batch} | {cell['plain', 'ort-default']:.2f} | {cell['plain', 'dsprune']:.2f} | "
+            f"{cell['plain', 'dsprune'] / cell['plain', 'ort-default']:.2f} | {cell['fused', 'ort-default']:.2f} | "
+            f"{cell['fused', 'dsprune']:.2f} | {cell['fused', 'dsprune'] / cell['plain', 'dsprune']:.2f} | {ops} |")
     lines += ["", "Fused logits against plain (max abs diff): " + ", ".join(
         f"{name} {info['fused_parity_max_abs_diff']:.2g}" for name, (_, info) in built.items()), ""]
     return "\n".join(lines)

@@ -274,7 +274,8 @@ def _measure_torch(spec: dict) -> tuple[Callable[[], object], dict]:
 def _measure_onnxruntime(spec: dict) -> tuple[Callable[[], object], dict]:
     from exporters.onnx import onnx_session
 
-    session = onnx_session(spec["model"], threads=spec["threads"])
+    # session_config: None (absent) is dsprune's CPU_SESSION_CONFIG, {} onnxruntime's defaults.
+    session = onnx_session(spec["model"], threads=spec["threads"], config=spec.get("session_config"))
     declared = {i.name for i in session.get_inputs()}
     rng = np.random.default_rng(0)
     input_ids = rng.integers(1000, 2000, size=(spec["batch"], spec["seq"]), dtype=np.int64)

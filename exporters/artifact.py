@@ -10,7 +10,10 @@ The folder loads with onnxruntime and the ``tokenizers`` library alone::
     tokenizer = Tokenizer.from_file("artifact/tokenizer.json")
     tokenizer.enable_truncation(manifest["tokenizer"]["max_length"])
     tokenizer.enable_padding(pad_id=manifest["tokenizer"]["pad_id"], pad_token=manifest["tokenizer"]["pad_token"])
-    session = ort.InferenceSession("artifact/model.onnx")
+    options = ort.SessionOptions()
+    for key, value in manifest.get("session_config", {}).items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession("artifact/model.onnx", options)
 
 :func:`load_artifact` does exactly that, and so imports neither torch nor transformers.
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.onnx import CPU_SESSION_CONFIG
 from pipeline.files import sha256_file, write_json_atomic
 
 SCHEMA = "dsprune.artifact/1"
@@ -195,6 +199,7 @@ def build_artifact(
         "task": {"name": task.name, "metric": task.metric, "text_segments": task.text_segments,
                  "eval_examples": task.eval_examples},
         "tokenizer": _tokenizer_settings(checkpoint, task.max_length),
+        "session_config": dict(CPU_SESSION_CONFIG),
         "architecture": {k: config.get(k) for k in ("model_type", "num_hidden_layers", "num_attention_heads",
                                                       "hidden_size") if k in config},
         "kept_heads": config.get("dsprune_kept_heads"),
@@ -277,7 +282,10 @@ def model_card(manifest: Mapping) -> str:
         "feeds = {'input_ids': np.array([e.ids for e in enc], dtype=np.int64),",
         "         'attention_mask': np.array([e.attention_mask for e in enc], dtype=np.int64),",
         "         'token_type_ids': np.array([e.type_ids for e in enc], dtype=np.int64)}",
-        "session = ort.InferenceSession('model.onnx')",
+        "options = ort.SessionOptions()",
+        "for key, value in manifest.get('session_config', {}).items():  # the settings dsprune timed with",
+        "    options.add_session_config_entry(key, value)",
+        "session = ort.InferenceSession('model.onnx', options)",
         "names = [i.name for i in session.get_inputs()]",
         "logits = session.run(['logits'], {k: v for k, v in feeds.items() if k in names})[0]",
         "```",
@@ -352,6 +360,8 @@ class ArtifactModel:
                                       pad_type_id=settings.get("pad_type_id", 0))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0
+        for key, value in self.manifest.get("session_config", {}).items():
+            options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.labels = self.manifest["labels"]

@@ -19,8 +19,10 @@ onnxruntime 1.31, legacy TorchScript export, opset 18):
 
 The optimized graph keeps the plain graph's inputs and outputs and runs on any onnxruntime (the
 fused ops are ``com.microsoft`` contrib ops, which every onnxruntime build ships). It is not always
-faster: on 2 AMD EPYC threads, onnxruntime 1.31's CPU kernels ran the plain graph 2-16% faster than
-the fused one, fp32 and int8, pruned and unpruned MiniLM (benchmarks/results/graph-optimization-cpu.md),
+faster: on 2 AMD EPYC threads, onnxruntime 1.31's CPU kernels ran the plain graph 3-23% faster than
+the fused one at batch 1, fp32 and int8, pruned and unpruned MiniLM; at batch 16 int8 plain was
+6-48% faster and fp32 within the rounds' noise (benchmarks/results/graph-optimization-cpu.md; the
+fused graph's SkipLayerNormalization kernel is slow here, see ``exporters.onnx.CPU_SESSION_CONFIG``),
 so the quantize stage fuses only what is meant for GPUs (fp16) unless told otherwise.
 """
 from __future__ import annotations

@@ -78,8 +78,8 @@ PRESETS: dict[str, QuantPreset] = {
     # embedding tables, half of MiniLM's weights: file 3.9x smaller instead of 1.4x, with the same
     # argmax on random inputs and max logit diff 0.006 instead of 0.005 (pruned MiniLM, 64x64 batch).
     # Attention and EmbedLayerNormalization are the fused graph's forms of the same weights; the
-    # fused graph quantizes (QAttention) but ran slower: 6.50 vs 6.16 ms at batch 1, 98.3 vs 85.0 ms
-    # at batch 16 (pruned MiniLM, seq 128, 2 threads; benchmarks/results/graph-optimization-cpu.md).
+    # fused graph quantizes (QAttention) but ran slower: 4.83 vs 3.92 ms at batch 1, 78.7 vs 53.2 ms
+    # at batch 16 (heads+FFN-pruned MiniLM, seq 128, 2 threads; benchmarks/results/graph-optimization-cpu.md).
     "int8-dynamic": QuantPreset(
         method="dynamic", precision="int8",
         op_types=("MatMul", "Gemm", "Gather", "Attention", "EmbedLayerNormalization"),

@@ -96,7 +96,12 @@ def test_fresh_process_loads_it_with_onnxruntime_and_tokenizers_only(tiny_artifa
         feeds = {{"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
                  "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
                  "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64)}}
-        session = ort.InferenceSession(folder + "/" + manifest["model"], providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        for key, value in manifest["session_config"].items():
+            options.add_session_config_entry(key, value)
+        session = ort.InferenceSession(folder + "/" + manifest["model"], options, providers=["CPUExecutionProvider"])
+        assert session.get_session_options().get_session_config_entry(
+            "optimization.disable_specified_optimizers") == "SkipLayerNormFusion"
         logits = session.run(["logits"], {{i.name: feeds[i.name] for i in session.get_inputs()}})[0]
         assert not {{"torch", "transformers", "pipeline", "exporters"}} & set(sys.modules), sorted(sys.modules)
         print(json.dumps({{"logits": logits.tolist(), "labels": [manifest["labels"][i] for i in logits.argmax(-1)]}}))

@@ -63,6 +63,26 @@ def test_every_preset_tracks_fp32_on_a_fixed_slice(graphs, preset, tmp_path):
             assert ratio > 3.5  # embeddings quantized too
 
 
+def test_cpu_sessions_leave_skip_layer_norm_unfused(graphs, tmp_path):
+    # onnxruntime fuses the int8 graph's residual Add + LayerNormalization by default; dsprune's CPU
+    # sessions turn that fusion off (its kernel ran slower here) and give the same logits.
+    import onnxruntime as ort
+
+    from exporters.onnx import cpu_session_options
+
+    path = quantize(graphs[0]["plain"], tmp_path / "int8.onnx", "int8-dynamic")
+    fused, logits = {}, {}
+    for name, config in (("default", {}), ("dsprune", None)):
+        options = cpu_session_options(threads=1, config=config)
+        options.optimized_model_filepath = str(tmp_path / f"{name}-optimized.onnx")
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        logits[name] = predict_onnx(session, SLICE)
+        nodes = onnx.load(options.optimized_model_filepath).graph.node
+        fused[name] = sum(n.op_type == "SkipLayerNormalization" for n in nodes)
+    assert fused["default"] > 0 and fused["dsprune"] == 0, fused
+    assert np.abs(logits["default"] - logits["dsprune"]).max() < 1e-5
+
+
 def test_fp16_keeps_int64_inputs_and_fp32_logits(graphs, tmp_path):
     sources, _ = graphs
     session = onnx_session(quantize(sources["fused"], tmp_path / "fp16.onnx", "fp16"))

@@ -32,8 +32,9 @@ from pipeline.run import GateFailed, write_json_atomic
 
 MODELS = ("baseline", "pruned")
 CALIBRATION_BATCH = 16
-# fp32 ships the plain graph under optimize: auto: the fused one ran 13.9 vs 13.6 ms at batch 1 and
-# 213 vs 195 ms at batch 16 (pruned MiniLM, seq 128, 2 threads; benchmarks/results/graph-optimization-cpu.md).
+# fp32 ships the plain graph under optimize: auto: the fused one ran 9.35 vs 8.84 ms at batch 1 and
+# 145 vs 152 ms at batch 16, inside that row's noise (plain's rounds 146-155 ms) (heads+FFN-pruned
+# MiniLM, seq 128, 2 threads; benchmarks/results/graph-optimization-cpu.md).
 FP32_GRAPH = "plain"
 
 
