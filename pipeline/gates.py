@@ -75,10 +75,9 @@ def gumbel_soft_top_k(logits: torch.Tensor, k: int, temperature: float, *, noise
 
     The K sequential steps are a few hundred operations on a vector of one entry per head: as
     autograd nodes on a GPU they cost more than a MiniLM training step (1.8x a plain step, measured
-    on an H100), so here the forward and backward passes run in NumPy on the CPU inside one autograd
+    on an H100), so the forward and backward passes run in NumPy on the CPU inside one autograd
     function (:class:`_SoftTopK`), and the noise is drawn on the CPU (``generator`` must be a CPU
-    generator). Gates modules on a CUDA device replay CUDA graphs of the same steps instead
-    (:func:`_graphed_soft_top_k`). The result is the same on every device.
+    generator). The result is the same on every device.
 
     Args:
         logits: 1-D tensor of scores.
@@ -88,73 +87,7 @@ def gumbel_soft_top_k(logits: torch.Tensor, k: int, temperature: float, *, noise
         generator: the CPU random source for the noise.
     """
     gumbel = gumbel_noise(logits.shape, generator) if noise else None
-    return _soft_top_k(logits, gumbel, k, temperature)
-
-
-def _soft_top_k(logits: torch.Tensor, gumbel: torch.Tensor | None, k: int, temperature: float, *,
-                graphs: dict | None = None, slot: int = 0) -> torch.Tensor:
-    """The relaxed K-subset of ``logits + gumbel`` (CPU noise or None): a replayed CUDA graph for CUDA
-    logits when the caller keeps ``graphs`` (:func:`_graphed_soft_top_k`), NumPy on the CPU otherwise."""
-    if graphs is not None and logits.is_cuda and logits.dtype == torch.float64 and 0 < k < logits.numel():
-        return _graphed_soft_top_k(logits, gumbel, k, temperature, graphs, slot)
     return _SoftTopK.apply(logits, gumbel, k, temperature)
-
-
-def soft_top_k_ops(r: torch.Tensor, k: int, temperature) -> torch.Tensor:
-    """The textbook Gumbel-soft-top-K of noisy scores ``r``, every step an autograd op.
-
-    The same steps and clamp as :class:`_SoftTopK`; autograd differentiates them. ``temperature``
-    may be a 0-dim tensor, so that a CUDA graph captured once serves every temperature.
-    """
-    mask = torch.zeros_like(r)
-    for _ in range(k):
-        p = torch.softmax(r / temperature, dim=-1)
-        mask = mask + p
-        r = r + torch.log((1 - p).clamp_min(_EPS))
-    return mask
-
-
-class _FiniteGrad(torch.autograd.Function):
-    """Identity forward; the backward replaces NaN and infinities by 0 (as :class:`_SoftTopK`'s
-    does) into a new tensor, so that the gradient never aliases a CUDA graph's static output."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def _graphed_soft_top_k(logits: torch.Tensor, gumbel: torch.Tensor | None, k: int, temperature: float,
-                        graphs: dict, slot: int) -> torch.Tensor:
-    """:func:`soft_top_k_ops` on CUDA logits as two CUDA graphs (forward, backward), captured by
-    ``torch.cuda.make_graphed_callables`` once per (size, K, slot) into ``graphs`` and replayed.
-
-    The K steps are a few hundred kernels; replayed from graphs they cost the host one launch each
-    way, and no step waits for the GPU: the noise and the temperature travel in one pinned buffer,
-    copied asynchronously, and nothing comes back to the host. A graph keeps the intermediates of
-    its last forward for its backward, so every call within one forward pass needs its own
-    ``slot`` (the per-layer rows, heads and blocks), and ``graphs`` belongs to one gates module.
-    """
-    device, n = logits.device, logits.numel()
-    key = (n, k, slot)
-    if key not in graphs:
-        def steps(scores, noise, t):
-            return soft_top_k_ops(scores + noise, k, t)
-
-        samples = (torch.zeros(n, dtype=torch.float64, device=device, requires_grad=True),
-                   torch.zeros(n, dtype=torch.float64, device=device),
-                   torch.ones((), dtype=torch.float64, device=device))
-        with torch.autocast(device.type, enabled=False):
-            graphs[key] = torch.cuda.make_graphed_callables(steps, samples)
-    host = torch.empty(n + 1, dtype=torch.float64, pin_memory=True)
-    host[:n] = gumbel.reshape(-1) if gumbel is not None else 0.0
-    host[n] = temperature
-    sent = host.to(device, non_blocking=True)
-    mask = graphs[key](_FiniteGrad.apply(logits.reshape(-1)), sent[:n], sent[n])
-    return mask.clone().view_as(logits)
 
 
 def gumbel_noise(shape, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -319,20 +252,12 @@ class HeadGates(nn.Module):
             self.logits.uniform_(-bound, bound, generator=init)
         self.step = 0
         self.noise_generator = torch.Generator().manual_seed(seed + 1)
-        self._graphs: dict = {}  # CUDA graphs of the soft top-K, see _graphed_soft_top_k
         self.mask: torch.Tensor | None = None
         self._hooks: list = []
 
     @property
     def temperature(self) -> float:
         return temperature_at(self.step, self.config)
-
-    def _relaxed(self, scores: torch.Tensor, k: int, slot: int = 0, gumbel: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-        """A Gumbel-soft-top-K sample of ``scores`` (fresh noise unless given), slot as in _soft_top_k."""
-        if gumbel is None:
-            gumbel = gumbel_noise(scores.shape, self.noise_generator)
-        return _soft_top_k(scores, gumbel, k, self.temperature, graphs=self._graphs, slot=slot)
 
     def compute_mask(self) -> torch.Tensor:
         cfg = self.config
@@ -345,8 +270,11 @@ class HeadGates(nn.Module):
             return _StraightThroughTopK.apply(self.logits, cfg.keep)
         if cfg.per_layer:
             k = cfg.keep // self.logits.shape[0]
-            return torch.stack([self._relaxed(row, k, slot) for slot, row in enumerate(self.logits)])
-        return self._relaxed(self.logits.flatten(), cfg.keep).view_as(self.logits)
+            return torch.stack(
+                [gumbel_soft_top_k(row, k, self.temperature, generator=self.noise_generator) for row in self.logits]
+            )
+        flat = gumbel_soft_top_k(self.logits.flatten(), cfg.keep, self.temperature, generator=self.noise_generator)
+        return flat.view_as(self.logits)
 
     def hardened(self) -> torch.Tensor:
         return harden(self.logits.detach(), self.config.keep, per_layer=self.config.per_layer)
@@ -397,15 +325,17 @@ class UnitGates(HeadGates):
             if cfg.method == "ste":
                 return self._split(_StraightThroughTopK.apply(heads.flatten(), cfg.keep),
                                    _StraightThroughTopK.apply(blocks.flatten(), self.ffn_keep))
-            return self._split(self._relaxed(heads.flatten(), cfg.keep, 0),
-                               self._relaxed(blocks.flatten(), self.ffn_keep, 1))
+            return self._split(
+                gumbel_soft_top_k(heads.flatten(), cfg.keep, self.temperature, generator=self.noise_generator),
+                gumbel_soft_top_k(blocks.flatten(), self.ffn_keep, self.temperature, generator=self.noise_generator),
+            )
         flat = self.logits.flatten()
         if cfg.method == "ste":
             k = budget_prefix(flat, self.costs, self.budget)
             return _StraightThroughTopK.apply(flat, k).view_as(self.logits)
         gumbel = gumbel_noise(flat.shape, self.noise_generator)
         k = budget_prefix(flat.detach().cpu() + gumbel, self.costs.cpu(), self.budget)
-        return self._relaxed(flat, k, gumbel=gumbel).view_as(self.logits)
+        return _SoftTopK.apply(flat, gumbel, k, self.temperature).view_as(self.logits)
 
     def hardened(self) -> torch.Tensor:
         """(layers, heads + blocks) bool: the kept heads, then the kept blocks, of every layer."""
