@@ -11,7 +11,7 @@ The folder loads with onnxruntime and the ``tokenizers`` library alone::
     tokenizer.enable_truncation(manifest["tokenizer"]["max_length"])
     tokenizer.enable_padding(pad_id=manifest["tokenizer"]["pad_id"], pad_token=manifest["tokenizer"]["pad_token"])
     options = ort.SessionOptions()
-    for key, value in manifest.get("session_config", {}).items():
+    for key, value in manifest.get("cpu_session_config", {}).items():
         options.add_session_config_entry(key, value)
     session = ort.InferenceSession("artifact/model.onnx", options)
 
@@ -199,7 +199,7 @@ def build_artifact(
         "task": {"name": task.name, "metric": task.metric, "text_segments": task.text_segments,
                  "eval_examples": task.eval_examples},
         "tokenizer": _tokenizer_settings(checkpoint, task.max_length),
-        "session_config": dict(CPU_SESSION_CONFIG),
+        "cpu_session_config": dict(CPU_SESSION_CONFIG),  # for CPU sessions; the fp16 variants target GPUs
         "architecture": {k: config.get(k) for k in ("model_type", "num_hidden_layers", "num_attention_heads",
                                                       "hidden_size") if k in config},
         "kept_heads": config.get("dsprune_kept_heads"),
@@ -283,7 +283,7 @@ def model_card(manifest: Mapping) -> str:
         "         'attention_mask': np.array([e.attention_mask for e in enc], dtype=np.int64),",
         "         'token_type_ids': np.array([e.type_ids for e in enc], dtype=np.int64)}",
         "options = ort.SessionOptions()",
-        "for key, value in manifest.get('session_config', {}).items():  # the settings dsprune timed with",
+        "for key, value in manifest.get('cpu_session_config', {}).items():  # the settings dsprune timed with",
         "    options.add_session_config_entry(key, value)",
         "session = ort.InferenceSession('model.onnx', options)",
         "names = [i.name for i in session.get_inputs()]",
@@ -360,7 +360,7 @@ class ArtifactModel:
                                       pad_type_id=settings.get("pad_type_id", 0))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0
-        for key, value in self.manifest.get("session_config", {}).items():
+        for key, value in self.manifest.get("cpu_session_config", {}).items():
             options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -97,7 +97,7 @@ def test_fresh_process_loads_it_with_onnxruntime_and_tokenizers_only(tiny_artifa
                  "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
                  "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64)}}
         options = ort.SessionOptions()
-        for key, value in manifest["session_config"].items():
+        for key, value in manifest["cpu_session_config"].items():
             options.add_session_config_entry(key, value)
         session = ort.InferenceSession(folder + "/" + manifest["model"], options, providers=["CPUExecutionProvider"])
         assert session.get_session_options().get_session_config_entry(
