@@ -129,7 +129,8 @@ def markdown(rows: list[dict], built: dict, machine: dict, argv: str) -> str:
         cell = {(g, c): by_key[model, precision, g, c, batch]["p50_ms"] for g in GRAPHS for c in SESSIONS}
         ops = ", ".join(f"{k} {v}" for k, v in by_key[model, precision, "fused", "dsprune", batch]["fused_ops"].items())
         lines.append(
-            f"| {model} | {precision} | {batch} | {cell['plain', 'ort-default']:.2f} | {cell['plain', 'dsprune']:.2f} | "
+            f"| {model} | {precision} | {batch} | {cell['plain', 'ort-default']:.2f} | "
+            f"{cell['plain', 'dsprune']:.2f} | "
             f"{cell['plain', 'dsprune'] / cell['plain', 'ort-default']:.2f} | {cell['fused', 'ort-default']:.2f} | "
             f"{cell['fused', 'dsprune']:.2f} | {cell['fused', 'dsprune'] / cell['plain', 'dsprune']:.2f} | {ops} |")
     lines += ["", "Fused logits against plain (max abs diff): " + ", ".join(
