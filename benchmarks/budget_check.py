@@ -1,6 +1,6 @@
 """Was the planned K the largest that meets the budget? Time K and K + step heads on this machine.
 
-    python -m benchmarks.budget_check RUN_DIR [--step 6] [--out FILE]
+    python -m benchmarks.budget_check RUN_DIR [--step 6] [--also 10,10,10,10,10,10 ...] [--out FILE]
 
 A run with a latency budget (``dsprune run -c`` with ``budget:``) trained exactly K heads. This
 times three layouts with the budget's engine, batch and sequence length and the run's bench
@@ -8,6 +8,9 @@ settings, interleaved, each round in fresh processes: the unpruned model, the ru
 heads per layer), and that mask plus the ``step`` next heads in the gates' ranking
 (``finetune/gates.json``), i.e. what training with K + step would most likely have kept. As in the
 plan stage, the pretrained weights stand in for the trained ones (latency does not depend on them).
+
+``--also`` adds layouts (heads per layer) to the same interleaved rounds, for example even layouts
+of about K heads to compare an uneven trained mask with; they are reported, not judged.
 
 K is "within one step of the largest K that meets the budget" when K meets it and K + step does
 not; when K + step meets it too, the planner was too cautious by at least a step. Prints one line
@@ -37,7 +40,18 @@ def layouts_to_check(logits: list[list[float]], kept: dict[str, list[int]], step
     return {"unpruned": [heads] * num_layers, "planned": per_layer(mask), "planned+step": per_layer(grown)}
 
 
-def check(run_dir: Path, step: int, log=print) -> dict:
+def parse_layout(text: str, num_layers: int, heads: int) -> list[int]:
+    """Heads per layer from ``"10,10,8,8,12,12"``; a ValueError names the value when it does not fit the model."""
+    try:
+        layout = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--also: {text!r} is not comma-separated head counts") from None
+    if len(layout) != num_layers or not all(0 <= n <= heads for n in layout):
+        raise ValueError(f"--also: {text!r} must give {num_layers} counts in 0..{heads}")
+    return layout
+
+
+def check(run_dir: Path, step: int, log=print, also: tuple[str, ...] = ()) -> dict:
     from benchmarks.cost_table import measure_cost_table
     from pipeline import budget as planner
     from pipeline.config import config_from_dict
@@ -51,6 +65,7 @@ def check(run_dir: Path, step: int, log=print) -> dict:
     kept = json.loads((run_dir / "harden" / "mask.json").read_text())["kept_heads"]
     logits = json.loads((run_dir / "finetune" / "gates.json").read_text())["logits"]
     layouts = layouts_to_check(logits, kept, step)
+    layouts |= {f"also {text}": parse_layout(text, len(logits), len(logits[0])) for text in also}
     task = task_spec(cfg)
     model = load_classifier(cfg.model, task.num_labels, task.label_names)
     b, budget = cfg.bench, cfg.budget
@@ -90,12 +105,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.budget_check", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--step", type=int, default=6, help="heads added to the planned K (default 6)")
+    parser.add_argument("--also", action="append", default=[], metavar="H,H,...",
+                        help="another layout (heads per layer) to time beside them; repeatable")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     args = parser.parse_args(argv)
     try:
         if args.step < 1:
             raise ValueError(f"--step: must be >= 1, got {args.step}")
-        result = check(args.run_dir, args.step)
+        result = check(args.run_dir, args.step, also=tuple(args.also))
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -466,3 +466,12 @@ def test_budget_check_refuses_a_run_without_a_budget(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert budget_check([str(tmp_path)]) == 2
     assert "budget: no target set" in capsys.readouterr().err
+
+
+def test_budget_check_parses_extra_layouts():
+    from benchmarks.budget_check import parse_layout
+
+    assert parse_layout("10,10,8,8,12,0", 6, 12) == [10, 10, 8, 8, 12, 0]
+    for bad in ("10,10", "13,0,0,0,0,0", "a,b,c,d,e,f", "-1,0,0,0,0,0"):
+        with pytest.raises(ValueError, match="--also"):
+            parse_layout(bad, 6, 12)
