@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.onnx import CPU_SESSION_CONFIG
+from exporters.onnx import CPU_SESSION_CONFIG, cpu_session_options
 from pipeline.files import sha256_file, write_json_atomic
 
 SCHEMA = "dsprune.artifact/1"
@@ -358,10 +358,7 @@ class ArtifactModel:
         self.tokenizer.enable_truncation(settings["max_length"])
         self.tokenizer.enable_padding(pad_id=settings["pad_id"], pad_token=settings["pad_token"],
                                       pad_type_id=settings.get("pad_type_id", 0))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or 0
-        for key, value in self.manifest.get("cpu_session_config", {}).items():
-            options.add_session_config_entry(key, value)
+        options = cpu_session_options(threads, self.manifest.get("cpu_session_config", {}))
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.labels = self.manifest["labels"]
