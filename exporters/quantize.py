@@ -87,8 +87,9 @@ PRESETS: dict[str, QuantPreset] = {
     # QDQ with unsigned 8-bit activations and signed per-channel weights (U8S8), activation ranges
     # by MinMax over real training batches (moving average over batches, see _quantize_static).
     # Pruned MiniLM, batch 1, seq 128, 2 threads, AVX-512 VNNI, load 0.5: S8S8 ran 24.1 ms, U8S8
-    # 7.2 (int8-dynamic 6.1, fp32 13.4); on SST-2 dev both within 0.002 accuracy of fp32. Gather keeps the file 3.9x smaller at no measured cost. The fused ops
-    # have no QDQ form (and calibration fails on the fused graph), so it quantizes the plain graph.
+    # 7.2 (int8-dynamic 6.1, fp32 13.4); on SST-2 dev both within 0.002 accuracy of fp32. Gather
+    # keeps the file 3.9x smaller at no measured cost. The fused ops have no QDQ form (and
+    # calibration fails on the fused graph), so it quantizes the plain graph.
     "int8-static": QuantPreset(
         method="static", precision="int8", activation_type="QUInt8", op_types=("MatMul", "Gemm", "Gather"),
         calibration="MinMax", fused_graph=False,
