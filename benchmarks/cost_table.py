@@ -22,12 +22,14 @@ INT8_PRESET = "int8-dynamic"
 
 
 def build_layout(model, layout, folder: Path, *, engine: str, opset: int = 18,
-                 graph: str = "plain") -> tuple[str, Path]:
+                 graph: str = "plain", blocks=None, block_size: int = 64) -> tuple[str, Path]:
     """Cut ``layout`` from a copy of ``model`` and write the file ``engine`` runs.
 
     Args:
         model: an unpruned classifier (left unchanged).
         layout: heads kept per layer.
+        blocks, block_size: feed-forward blocks of ``block_size`` neurons kept per layer (the first
+            ones; which does not change the latency); None keeps every neuron.
         folder: where the file goes (one name per layout is the caller's business).
         engine: ``torch-fp32``, ``onnx-fp32`` or ``onnx-int8``.
         opset: ONNX opset of the export.
@@ -37,11 +39,13 @@ def build_layout(model, layout, folder: Path, *, engine: str, opset: int = 18,
         (timing engine, path): ``("torch", checkpoint folder)`` or ``("onnxruntime", .onnx file)``.
     """
     from pipeline.budget import kept_heads_for_layout
-    from pipeline.surgery import prune_heads_, save_pruned
+    from pipeline.surgery import prune_ffn_, prune_heads_, save_pruned
 
     if engine not in ENGINE_FILES:
         raise ValueError(f"engine: unknown {engine!r}; valid: {', '.join(ENGINE_FILES)}")
     pruned = prune_heads_(copy.deepcopy(model), kept_heads_for_layout(layout))
+    if blocks is not None:
+        prune_ffn_(pruned, {layer: list(range(n * block_size)) for layer, n in enumerate(blocks)})
     folder.mkdir(parents=True, exist_ok=True)
     if engine == "torch-fp32":
         return "torch", save_pruned(pruned, folder / "model")
@@ -63,12 +67,13 @@ def build_layout(model, layout, folder: Path, *, engine: str, opset: int = 18,
 def measure_cost_table(model, layouts: list[dict], *, engine: str, batch: int, seq: int, threads: int,
                        warmup: int, runs: int, rounds: int, min_seconds: float = 0.0,
                        aggregate: str = "best", opset: int = 18, graph: str = "plain",
-                       log=None) -> dict:
+                       block_size: int = 64, log=None) -> dict:
     """Build every layout of ``model`` and time them all, interleaved, each in a fresh process.
 
     Args:
         model: the unpruned classifier.
-        layouts: from :func:`pipeline.budget.cost_layouts` (``name``, ``layout``, ``keep``, ``empty_layers``).
+        layouts: from :func:`pipeline.budget.cost_layouts` (``name``, ``layout``, ``keep``, ``empty_layers``),
+            or :func:`pipeline.budget.ffn_cost_layouts` (also ``blocks`` of ``block_size`` neurons per layer).
         engine: the budget's engine.
         batch, seq: the shape of one call.
         threads: intra-op threads of the engine (and OMP/MKL pools).
@@ -85,11 +90,13 @@ def measure_cost_table(model, layouts: list[dict], *, engine: str, batch: int, s
         specs = []
         for item in layouts:
             timing_engine, path = build_layout(model, item["layout"], Path(work) / item["name"], engine=engine,
-                                               opset=opset, graph=graph)
+                                               opset=opset, graph=graph, blocks=item.get("blocks"),
+                                               block_size=block_size)
             specs.append({"engine": timing_engine, "model": str(path), "batch": batch, "seq": seq,
                           "warmup": warmup, "runs": runs, "min_seconds": min_seconds})
             if log:
-                log(f"  built {item['name']}: {sum(item['layout'])} heads, {item['empty_layers']} empty layer(s)")
+                blocks = f", {sum(item['blocks'])} blocks" if item.get("blocks") is not None else ""
+                log(f"  built {item['name']}: {sum(item['layout'])} heads{blocks}, {item['empty_layers']} empty layer(s)")
         machine = machine_info()
         results = interleaved(specs, threads=threads, rounds=rounds, aggregate=aggregate)
     points = []

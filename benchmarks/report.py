@@ -101,7 +101,7 @@ _BUDGET = {
         "measured": str,
         "machine": {"cores": int, "load_avg": _ListOf(float, 3)},
     },
-    "planned_keep": int,
+    "planned_keep": _Nullable(int),  # None when heads and blocks share the budget (then "units" is there)
     "predicted_ms": float,
     "curve": _ListOf({"keep": int, "predicted_ms": float, "best_ms": float}),
     "measured": {"keep": int, "empty_layers": int, "kept_per_layer": _ListOf(int), "value_ms": float,
@@ -537,12 +537,22 @@ def _budget_markdown(report: dict) -> list[str]:
         got = f"{statistic} {measured['value_ms']:.3f} ms"
     terms = ", ".join(f"{t.replace('_', ' ')} {fit['coefficients'][t]:+.4f}" for t in fit["terms"])
     loo = fit["loo_rms_rel_error"]
+    units = budget.get("units")
+    if units:
+        planned = (f"- Planned a budget of **{units['budget_ms']:.3f} ms of heads and feed-forward blocks** "
+                   f"({units['head_ms']:.4f} ms per head, {units['block_ms']:.4f} ms per block of {units['block_size']} "
+                   f"neurons, {units['fixed_ms']:.3f} ms fixed), predicted {statistic} {budget['predicted_ms']:.3f} ms "
+                   "at most; joint DSP chose the mix.")
+        kept = f"{measured['keep']} heads, {measured['blocks']} blocks"
+    else:
+        planned = (f"- Planned **{budget['planned_keep']} heads**, predicted {statistic} {budget['predicted_ms']:.3f} ms "
+                   "(worst case over the layers a trained mask may empty).")
+        kept = f"{measured['keep']} heads"
     lines = [
         "## Latency budget", "",
         f"- Budget: {asked}; {setting}; planning margin {target['margin']:.0%}.",
-        f"- Planned **{budget['planned_keep']} heads**, predicted {statistic} {budget['predicted_ms']:.3f} ms "
-        "(worst case over the layers a trained mask may empty).",
-        f"- Measured (bench stage, {measured['keep']} heads, {measured['empty_layers']} empty layer(s)): {got}; "
+        planned,
+        f"- Measured (bench stage, {kept}, {measured['empty_layers']} empty layer(s)): {got}; "
         f"the cost model predicts {measured['predicted_ms']:.3f} ms for this mask. "
         f"Budget **{'met' if gate['passed'] else 'MISSED'}**.",
         f"- Cost model: {statistic} ms = {terms} (ms per unit; {fit['points']} points, {model['fit_choice']}); "
@@ -558,9 +568,11 @@ def _budget_markdown(report: dict) -> list[str]:
                      f"({expected['variant']}, {expected['n']} rows): mean {expected['mean']:.4f}, "
                      f"min {expected['min']:.4f}, max {expected['max']:.4f}.")
     lines += ["", f"Cost table ({statistic}, each layout timed in its own process, rounds interleaved):", ""]
-    lines += _table(["Heads", "Empty layers", "Per layer", f"Measured {statistic} ms", "Fitted ms", "Error",
-                     "Spread", "Load"],
+    block_columns = ["Blocks", "Blocks per layer"] if units else []
+    lines += _table(["Heads", "Empty layers", "Per layer", *block_columns, f"Measured {statistic} ms", "Fitted ms",
+                     "Error", "Spread", "Load"],
                     [[str(p["keep"]), str(p["empty_layers"]), " ".join(map(str, p["kept_per_layer"])),
+                      *([str(p["blocks"]), " ".join(map(str, p["blocks_per_layer"]))] if units else []),
                       f"{p['value_ms']:.3f}", f"{p['fitted_ms']:.3f}", f"{p['fitted_ms'] / p['value_ms'] - 1:+.1%}",
                       f"{p['spread']:.2f}", f"{p['load_avg'][0]:.2f}"] for p in model["points"]])
     lines += ["", f"![Latency against heads kept]({BUDGET_PLOT})"]
@@ -719,6 +731,8 @@ def plot_budget(report: dict, path) -> Path:
         The path written.
     """
     budget = report["budget"]
+    if budget.get("units"):
+        return _plot_unit_budget(budget, Path(path))
     target, model, measured = budget["target"], budget["cost_model"], budget["measured"]
     statistic = target["statistic"].removesuffix("_ms")
     fig = _new_figure(7.0, 4.6)
@@ -755,6 +769,38 @@ def plot_budget(report: dict, path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     return _save_figure(fig, Path(path))
+
+
+def _plot_unit_budget(budget: dict, path: Path) -> Path:
+    """Heads and blocks under one budget: measured against fitted latency of every layout, and the final model."""
+    target, model, measured = budget["target"], budget["cost_model"], budget["measured"]
+    statistic = target["statistic"].removesuffix("_ms")
+    fig = _new_figure(6.4, 5.0)
+    ax = fig.subplots()
+    points = model["points"]
+    ax.scatter([p["fitted_ms"] for p in points], [p["value_ms"] for p in points], marker="o", s=40,
+               color=_BASELINE_COLOR, edgecolor="black", linewidth=0.6, zorder=3, label="cost table layouts")
+    for p in points:
+        ax.annotate(f"{p['keep']}h/{p['blocks']}b", (p["fitted_ms"], p["value_ms"]), fontsize=6,
+                    xytext=(3, -8), textcoords="offset points")
+    low = min(min(p["fitted_ms"], p["value_ms"]) for p in points)
+    high = max(max(p["fitted_ms"], p["value_ms"]) for p in points)
+    high = max(high, measured["predicted_ms"], measured["value_ms"])
+    ax.plot([low, high], [low, high], color="#1f5fa8", linewidth=1.0, label="fit = measured")
+    bound = target["latency_ms"]
+    ax.axhline(bound, color="#c0392b", linewidth=1.2, label=f"budget {bound:.2f} ms")
+    ax.axvline(budget["predicted_ms"], color="#c0392b", linewidth=0.9, linestyle="--",
+               label=f"planned: predicted at most {budget['predicted_ms']:.2f} ms")
+    ax.scatter([measured["predicted_ms"]], [measured["value_ms"]], marker="*", s=180, color=_PRUNED_COLOR,
+               edgecolor="black", linewidth=0.6, zorder=4,
+               label=f"final model: {measured['keep']} heads, {measured['blocks']} blocks, {measured['value_ms']:.2f} ms")
+    ax.set_xlabel(f"fitted {statistic} (ms)")
+    ax.set_ylabel(f"measured {statistic} latency per call (ms)")
+    ax.set_title(f"{target['engine']}, batch {target['batch']}, seq {target['seq']}, {target['threads']} threads",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save_figure(fig, path)
 
 
 # --- entry points -----------------------------------------------------------------------------

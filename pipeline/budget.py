@@ -8,9 +8,13 @@ with exactly that K, and the bench stage checks the measured latency against the
 To first order the latency of a pruned model depends on how many heads it keeps and on how many of
 its layers lost every head (a headless layer skips its attention altogether); the weights do not
 matter. So a cost point is a layout (heads kept per layer) and its measured latency, and a fit is a
-least-squares line over named features of the layout (``heads``, ``empty_layers``). Feed-forward
-blocks, once they can be pruned, become one more feature (``ffn_blocks``) and one more dimension of
-the candidates the planner walks; the planner itself only needs a feature dict per candidate.
+least-squares line over named features of the layout (``heads``, ``empty_layers``).
+
+With ``budget.ffn`` the layouts also keep some feed-forward blocks per layer (``blocks``), the fit
+gains a ``ffn_blocks`` term, and the plan is no longer a head count: the fitted milliseconds per
+head and per block become the units' costs, and what the target leaves after the fixed part of the
+latency becomes one cost budget (:func:`plan_units`). Joint DSP then decides which heads and blocks
+fit in it, as it does with a FLOPs budget.
 
 Everything here is pure Python and numpy: no torch, no timing, no run folder.
 """
@@ -30,6 +34,8 @@ ENGINES = ("torch-fp32", "onnx-fp32", "onnx-int8")
 # The fits tried, simplest first. The per-empty-layer term is kept only where it predicts held-out
 # points clearly better (see fit_cost_model).
 FEATURE_SETS = (("intercept", "heads"), ("intercept", "heads", "empty_layers"))
+# With feed-forward blocks planned too.
+FFN_FEATURE_SETS = (("intercept", "heads", "ffn_blocks"), ("intercept", "heads", "ffn_blocks", "empty_layers"))
 # A richer fit must cut the leave-one-out RMS relative error by this fraction to be chosen.
 MIN_LOO_GAIN = 0.10
 # ... and by at least this much absolutely (0.1% of the latency, well under timing noise).
@@ -76,9 +82,18 @@ def kept_heads_for_layout(layout: Sequence[int]) -> dict[int, list[int]]:
     return {layer: list(range(n)) for layer, n in enumerate(layout)}
 
 
-def features(layout: Sequence[int]) -> dict[str, float]:
-    """The cost model's features of a layout: ``heads`` kept and ``empty_layers`` (layers with none)."""
-    return {"intercept": 1.0, "heads": float(sum(layout)), "empty_layers": float(sum(1 for n in layout if n == 0))}
+def features(layout: Sequence[int], blocks: Sequence[int] | None = None) -> dict[str, float]:
+    """The cost model's features of a layout: ``heads`` kept, ``empty_layers`` (layers with no head)
+    and, when ``blocks`` (feed-forward blocks kept per layer) is given, ``ffn_blocks`` kept."""
+    out = {"intercept": 1.0, "heads": float(sum(layout)), "empty_layers": float(sum(1 for n in layout if n == 0))}
+    if blocks is not None:
+        out["ffn_blocks"] = float(sum(blocks))
+    return out
+
+
+def point_features(point: dict) -> dict[str, float]:
+    """:func:`features` of a cost point or layout item (``layout`` and, with feed-forward blocks, ``blocks``)."""
+    return features(point["layout"], point.get("blocks"))
 
 
 def default_grid(num_layers: int, heads_per_layer: int) -> tuple[int, ...]:
@@ -105,6 +120,42 @@ def cost_layouts(grid: Iterable[int], num_layers: int, heads_per_layer: int) -> 
                 continue
             out.append({"name": f"k{keep}-{name}", "layout": list(layout), "keep": keep,
                         "empty_layers": int(features(layout)["empty_layers"])})
+    return out
+
+
+def default_block_grid(num_layers: int, blocks_per_layer: int) -> tuple[int, ...]:
+    """Feed-forward blocks kept in the timed layouts: all, three quarters, half, a quarter and none."""
+    return default_grid(num_layers, blocks_per_layer)
+
+
+def ffn_cost_layouts(grid: Iterable[int], block_grid: Iterable[int], num_layers: int, heads_per_layer: int,
+                     blocks_per_layer: int) -> list[dict]:
+    """The layouts to time when feed-forward blocks are planned too.
+
+    The head layouts of :func:`cost_layouts` with every block kept; every count of ``block_grid``
+    spread over the layers with every head kept; and the two shrunk together (the i-th largest head
+    count beside the i-th largest block count), so that the fit sees heads and blocks removed at once
+    and the fastest layout the model has (nothing kept) is measured.
+
+    Returns:
+        Items as from :func:`cost_layouts`, each with ``blocks`` (kept per layer) and ``ffn_blocks``.
+    """
+    full = [blocks_per_layer] * num_layers
+    heads = sorted(set(grid), reverse=True)
+    blocks = sorted(set(block_grid), reverse=True)
+    out = [{**item, "blocks": full, "ffn_blocks": sum(full)} for item in cost_layouts(heads, num_layers, heads_per_layer)]
+    total_heads, total_blocks = num_layers * heads_per_layer, num_layers * blocks_per_layer
+    for count in blocks:
+        if count < total_blocks:
+            out.append({"name": f"k{total_heads}-b{count}", "layout": [heads_per_layer] * num_layers,
+                        "keep": total_heads, "empty_layers": 0,
+                        "blocks": list(spread_layout(count, num_layers, blocks_per_layer)), "ffn_blocks": count})
+    for keep, count in zip(heads, blocks):
+        if keep < total_heads and count < total_blocks:
+            layout = spread_layout(keep, num_layers, heads_per_layer)
+            out.append({"name": f"k{keep}-b{count}", "layout": list(layout), "keep": keep,
+                        "empty_layers": int(features(layout)["empty_layers"]),
+                        "blocks": list(spread_layout(count, num_layers, blocks_per_layer)), "ffn_blocks": count})
     return out
 
 
@@ -170,10 +221,11 @@ def _solve(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_linear(points: Sequence[dict], terms: Sequence[str], value_key: str) -> CostFit:
-    """Least-squares fit of ``point[value_key]`` on ``features(point["layout"])[terms]``.
+    """Least-squares fit of ``point[value_key]`` on ``point_features(point)[terms]``.
 
     Args:
-        points: cost points, each with a ``layout`` (heads per layer) and the measured value.
+        points: cost points, each with a ``layout`` (heads per layer), ``blocks`` where the terms
+            include ``ffn_blocks``, and the measured value.
         terms: feature names, e.g. ``("intercept", "heads")``.
         value_key: the measured statistic, e.g. ``"p50_ms"``.
 
@@ -181,7 +233,7 @@ def fit_linear(points: Sequence[dict], terms: Sequence[str], value_key: str) -> 
         ValueError: fewer points than terms, or features that cannot separate the terms.
     """
     terms = tuple(terms)
-    x = np.array([[features(p["layout"])[t] for t in terms] for p in points], dtype=float)
+    x = np.array([[point_features(p)[t] for t in terms] for p in points], dtype=float)
     y = np.array([float(p[value_key]) for p in points])
     if len(points) < len(terms) or np.linalg.matrix_rank(x) < len(terms):
         raise ValueError(f"cost points cannot determine a fit on {', '.join(terms)}: "
@@ -203,8 +255,9 @@ def fit_linear(points: Sequence[dict], terms: Sequence[str], value_key: str) -> 
                    loo_rms_rel_error=loo, points=len(points))
 
 
-def fit_cost_model(points: Sequence[dict], value_key: str) -> tuple[CostFit, list[CostFit], str]:
-    """Fit every feature set of :data:`FEATURE_SETS` and choose one.
+def fit_cost_model(points: Sequence[dict], value_key: str,
+                   feature_sets: Sequence[Sequence[str]] = FEATURE_SETS) -> tuple[CostFit, list[CostFit], str]:
+    """Fit every feature set of ``feature_sets`` (:data:`FEATURE_SETS`, or :data:`FFN_FEATURE_SETS`) and choose one.
 
     The per-empty-layer term is taken only when the points vary it independently of the head count
     and it cuts the leave-one-out RMS relative error by at least :data:`MIN_LOO_GAIN` of itself and
@@ -214,14 +267,15 @@ def fit_cost_model(points: Sequence[dict], value_key: str) -> tuple[CostFit, lis
         (the chosen fit, every fit that could be made, why the chosen one).
     """
     fits = []
-    for terms in FEATURE_SETS:
+    for terms in feature_sets:
         try:
             fits.append(fit_linear(points, terms, value_key))
         except ValueError:
             continue
     if not fits:
         raise ValueError(f"cost table: {len(points)} points cannot determine latency against kept heads")
-    chosen, reason = fits[0], "heads alone"
+    base_name = "heads alone" if fits[0].terms == ("intercept", "heads") else "heads and blocks alone"
+    chosen, reason = fits[0], base_name
     for fit in fits[1:]:
         base = chosen.loo_rms_rel_error
         if base is None or fit.loo_rms_rel_error is None:
@@ -232,7 +286,7 @@ def fit_cost_model(points: Sequence[dict], value_key: str) -> tuple[CostFit, lis
                       f"{base:.1%} to {fit.loo_rms_rel_error:.1%}")
             chosen = fit
         else:
-            reason = (f"heads alone: the {fit.terms[-1].replace('_', ' ')} term left the leave-one-out error at "
+            reason = (f"{base_name}: the {fit.terms[-1].replace('_', ' ')} term left the leave-one-out error at "
                       f"{fit.loo_rms_rel_error:.1%} against {base:.1%}")
     return chosen, fits, reason
 
@@ -354,6 +408,98 @@ def plan_heads(fit: CostFit, target: Target, *, num_layers: int, heads_per_layer
     smallest = curve[-1]
     return Plan(keep=chosen["keep"] if chosen else None, predicted_ms=chosen["predicted_ms"] if chosen else None,
                 smallest_keep=smallest["keep"], smallest_ms=smallest["predicted_ms"], curve=curve)
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """The planner's answer when heads and feed-forward blocks share the budget.
+
+    The fit is ``fixed + head_ms x heads + block_ms x blocks`` (its empty-layers term, if any, taken
+    at its worst). A mask meets the target with the margin when its heads and blocks cost at most
+    ``budget_ms``, which is what joint DSP then trains with (unit costs ``head_ms`` and ``block_ms``).
+
+    Attributes:
+        head_ms, block_ms: fitted milliseconds one head and one block add.
+        fixed_ms: the fitted latency with nothing kept (the worst case over emptied layers).
+        budget_ms: what the kept heads and blocks may cost (at most all of them); None when unreachable.
+        predicted_ms: ``fixed_ms + budget_ms``: the worst case of any mask within the budget.
+        all_ms: the fitted latency of the unpruned model.
+        smallest_ms: the fitted latency of one unit, the cheaper kind, kept (the fastest a mask gets).
+        heads_total, blocks_total: how many of each the model has.
+        free: the kinds whose fitted cost was not positive (a table that does not show what removing
+            one saves): they are planned at no cost, so the mask keeps them all.
+    """
+
+    head_ms: float
+    block_ms: float
+    fixed_ms: float
+    budget_ms: float | None
+    predicted_ms: float | None
+    all_ms: float
+    smallest_ms: float
+    heads_total: int
+    blocks_total: int
+    free: tuple[str, ...] = ()
+
+    @property
+    def reachable(self) -> bool:
+        return self.budget_ms is not None
+
+    def heads_with_all_blocks(self) -> int:
+        """Heads that fit beside every block (0 when the blocks alone overrun the budget)."""
+        return _units_within(self.budget_ms - self.blocks_total * self.block_ms, self.head_ms, self.heads_total)
+
+    def blocks_with_all_heads(self) -> int:
+        """Blocks that fit beside every head."""
+        return _units_within(self.budget_ms - self.heads_total * self.head_ms, self.block_ms, self.blocks_total)
+
+
+def _units_within(budget_ms: float, unit_ms: float, total: int) -> int:
+    if budget_ms < 0:
+        return 0
+    return total if unit_ms <= 0 else max(0, min(total, math.floor(budget_ms / unit_ms * (1 + _EQUAL))))
+
+
+def plan_units(fit: CostFit, target: Target, *, num_layers: int, heads_per_layer: int, blocks_per_layer: int,
+               margin: float) -> UnitPlan:
+    """The largest cost budget of heads and feed-forward blocks whose prediction times ``1 + margin`` meets the target.
+
+    A kind whose fitted cost is not positive is planned at no cost (:attr:`UnitPlan.free`).
+
+    Raises:
+        ValueError: the fit has no ``ffn_blocks`` term.
+    """
+    if "ffn_blocks" not in fit.terms:
+        raise ValueError(f"cost model: fit on {', '.join(fit.terms)} has no ffn_blocks term to plan blocks with")
+    coefficients = dict(zip(fit.terms, fit.coefficients))
+    fitted = {"heads": coefficients["heads"], "ffn_blocks": coefficients["ffn_blocks"]}
+    free = tuple(kind for kind, value in fitted.items() if value <= 0)
+    head_ms, block_ms = (max(0.0, value) for value in fitted.values())
+    # An empty layer that (oddly) costs time is charged as if every layer were empty; one that saves is ignored.
+    fixed_ms = coefficients["intercept"] + max(0.0, coefficients.get("empty_layers", 0.0)) * num_layers
+    heads_total, blocks_total = num_layers * heads_per_layer, num_layers * blocks_per_layer
+    everything = heads_total * head_ms + blocks_total * block_ms
+    allowed = target.latency_ms * (1 + _EQUAL) / (1.0 + margin) - fixed_ms
+    budget_ms = min(allowed, everything) if allowed >= min(head_ms, block_ms) else None
+    return UnitPlan(head_ms=head_ms, block_ms=block_ms, fixed_ms=fixed_ms, budget_ms=budget_ms,
+                    predicted_ms=None if budget_ms is None else fixed_ms + budget_ms,
+                    all_ms=fixed_ms + everything, smallest_ms=fixed_ms + min(head_ms, block_ms),
+                    heads_total=heads_total, blocks_total=blocks_total, free=free)
+
+
+def unreachable_units_message(target: Target, plan: UnitPlan, margin: float, *, fastest_measured_ms: float | None,
+                              setting: str) -> str:
+    """One line for a budget that not even one head or block kept is predicted to meet."""
+    if target.field == "throughput_per_s":
+        asked = f"budget.throughput_per_s: {target.value:g} sequences/s (mean <= {target.latency_ms:.3f} ms per call)"
+    else:
+        unit = f"{target.value:g}" + (" of the unpruned latency" if target.field == "latency_fraction" else " ms")
+        asked = f"budget.{target.field}: {unit} ({target.statistic.removesuffix('_ms')} <= {target.latency_ms:.3f} ms)"
+    line = (f"{asked} is out of reach on this machine: one head or feed-forward block kept is predicted at "
+            f"{plan.smallest_ms:.3f} ms ({plan.smallest_ms * (1 + margin):.3f} ms with the {margin:.0%} margin)")
+    if fastest_measured_ms:
+        line += f"; with every head and block removed it measured {fastest_measured_ms:.3f} ms"
+    return f"{line} ({setting})"
 
 
 def unreachable_message(target: Target, plan: Plan, margin: float, *, fastest_measured_ms: float | None,

@@ -137,8 +137,12 @@ def _print_summary(run_dir: Path) -> None:
             if s["variant"].startswith("pruned/"):
                 click.echo(f"  {s['variant']:<18} batch {s['batch']:>3}: {s['p50_ratio']:.2f}x vs {s['reference']}")
         if "budget" in data:
-            gate = data["budget"]["gate"]
-            click.echo(f"  budget: {data['budget']['planned_keep']} heads planned; {gate['name']}: "
+            budget = data["budget"]
+            gate, units = budget["gate"], budget.get("units")
+            planned = (f"{budget['planned_keep']} heads planned" if not units else
+                       f"{units['budget_ms']:.3f} ms of heads and blocks planned, {budget['measured']['keep']} heads and "
+                       f"{budget['measured']['blocks']} blocks kept")
+            click.echo(f"  budget: {planned}; {gate['name']}: "
                        f"{gate['value']:.4g} vs bound {gate['bound']:.4g}, {'met' if gate['passed'] else 'MISSED'}")
         click.echo(f"Report: {run_dir / 'report' / 'report.md'}")
 

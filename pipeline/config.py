@@ -62,10 +62,20 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class FfnPruneConfig:
-    """Feed-forward blocks selected with the heads: ``keep_fraction`` of them (a budget per kind)."""
+    """Feed-forward blocks selected with the heads: ``keep_fraction`` of them (a budget per kind), or
+    one cost budget for both: kept heads x ``head_cost`` + kept blocks x ``block_cost`` <= ``cost_budget``
+    (any unit; a latency budget with ``budget.ffn`` sets the three in milliseconds from its cost model).
+    """
 
     keep_fraction: float | None = None
     block_size: int = 64  # intermediate neurons per gate
+    head_cost: float | None = None
+    block_cost: float | None = None
+    cost_budget: float | None = None
+
+    @property
+    def cost_fields(self) -> tuple[float | None, float | None, float | None]:
+        return self.head_cost, self.block_cost, self.cost_budget
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,8 @@ class PruneConfig:
 
     @property
     def prunes_ffn(self) -> bool:
-        return self.ffn.keep_fraction is not None or self.flops_keep_fraction is not None
+        return (self.ffn.keep_fraction is not None or self.flops_keep_fraction is not None
+                or self.ffn.cost_budget is not None)
 
 
 @dataclass(frozen=True)
@@ -187,6 +198,11 @@ class BudgetConfig:
     # cautious on both. Raise it where a missed budget costs more than a step of heads.
     margin: float = 0.02
     grid: tuple[int, ...] = ()  # heads kept in the timed layouts; empty: all, 3/4, 1/2, 1/4, none
+    # Plan feed-forward blocks (of prune.ffn.block_size neurons) with the heads: the cost table times
+    # layouts with blocks removed too, and joint DSP keeps the heads and blocks that fit one latency
+    # budget, in milliseconds per head and per block from the fit (method dsp, ste or random).
+    ffn: bool = False
+    block_grid: tuple[int, ...] = ()  # blocks kept in the timed layouts; empty: all, 3/4, 1/2, 1/4, none
     study: str = ""  # a study result (benchmarks/results/study-*.json) for the expected metric at K
 
     @property
@@ -237,6 +253,9 @@ _CHECKS = {
     ("prune", "ffn", "keep_fraction"): lambda v: 0 < v <= 1 or "must be in (0, 1]",
     ("prune", "ffn", "block_size"): lambda v: v > 0 or "must be a positive number of neurons",
     ("prune", "flops_keep_fraction"): lambda v: 0 < v < 1 or "must be in (0, 1)",
+    ("prune", "ffn", "head_cost"): lambda v: v >= 0 or "must be >= 0",
+    ("prune", "ffn", "block_cost"): lambda v: v >= 0 or "must be >= 0",
+    ("prune", "ffn", "cost_budget"): lambda v: v >= 0 or "must be >= 0",
     ("prune", "flops_seq"): lambda v: v > 0 or "must be positive",
     ("prune", "gate_lr"): lambda v: v > 0 or "must be positive",
     ("prune", "distill", "weight"): lambda v: 0 <= v <= 1 or "must be in [0, 1]",
@@ -264,6 +283,7 @@ _CHECKS.update({
     ("budget", "percentile"): lambda v: v in ("p50", "p90", "p99") or "must be p50, p90 or p99",
     ("budget", "margin"): lambda v: 0 <= v < 1 or "must be in [0, 1)",
     ("budget", "grid"): lambda v: all(k >= 0 for k in v) or "must list head counts >= 0",
+    ("budget", "block_grid"): lambda v: all(k >= 0 for k in v) or "must list block counts >= 0",
 })
 
 
@@ -415,10 +435,26 @@ def _cross_field_errors(config: RunConfig) -> list[str]:
         errors.append(f"prune.method: feed-forward pruning works with {', '.join(FFN_METHODS)}, got {pr.method!r}")
     if pr.prunes_ffn and pr.per_layer:
         errors.append("prune.per_layer: feed-forward pruning takes a global budget, got true")
+    costs = pr.ffn.cost_fields
+    if any(v is not None for v in costs) and not all(v is not None for v in costs):
+        errors.append(f"prune.ffn: head_cost, block_cost and cost_budget go together, got {list(costs)}")
+    if pr.ffn.cost_budget is not None and (pr.ffn.keep_fraction is not None or pr.flops_keep_fraction is not None):
+        errors.append(f"prune.ffn.cost_budget: {pr.ffn.cost_budget} is one budget for heads and feed-forward blocks; "
+                      "it cannot be combined with prune.ffn.keep_fraction or prune.flops_keep_fraction")
     if pr.prunes_ffn and config.budget.active:
-        field = "prune.flops_keep_fraction" if pr.flops_keep_fraction is not None else "prune.ffn.keep_fraction"
-        errors.append(f"{field}: a latency budget plans heads only; it cannot be combined with feed-forward "
-                      "pruning yet")
+        field = ("prune.flops_keep_fraction" if pr.flops_keep_fraction is not None else
+                 "prune.ffn.keep_fraction" if pr.ffn.keep_fraction is not None else "prune.ffn.cost_budget")
+        errors.append(f"{field}: a latency budget plans the feed-forward blocks itself; remove it and set "
+                      "budget.ffn: true")
+    if config.budget.ffn and not config.budget.active:
+        errors.append("budget.ffn: true plans feed-forward blocks under a latency budget; set one of "
+                      "budget.latency_ms, budget.latency_fraction or budget.throughput_per_s")
+    if config.budget.ffn and config.budget.active:
+        if pr.method not in FFN_METHODS:
+            errors.append(f"budget.ffn: feed-forward pruning works with {', '.join(FFN_METHODS)}, "
+                          f"got prune.method {pr.method!r}")
+        if pr.per_layer:
+            errors.append("budget.ffn: feed-forward pruning takes a global budget, got prune.per_layer true")
     if pr.distill.weight > 0 and pr.method not in TRAINED_METHODS:
         errors.append(f"prune.distill.weight: {pr.distill.weight} distils while gates train; {pr.method!r} trains "
                       f"no gates (use one of {', '.join(TRAINED_METHODS)} or weight 0)")

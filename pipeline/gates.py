@@ -459,8 +459,15 @@ def flops_budget(model: nn.Module, block_size: int, keep_fraction: float, seq: i
     return costs, budget
 
 
+def unit_costs(num_layers: int, num_heads: int, num_blocks: int, head_cost: float, block_cost: float) -> torch.Tensor:
+    """Costs (layers, heads + blocks) with one price per kind: a cost budget in any unit (e.g. fitted ms)."""
+    row = torch.tensor([head_cost] * num_heads + [block_cost] * num_blocks, dtype=torch.float64)
+    return row.expand(num_layers, -1).clone()
+
+
 def add_unit_gates_(model: nn.Module, config: GateConfig, *, block_size: int, ffn_keep: int | None = None,
-                    flops_keep_fraction: float | None = None, seq: int = 128, seed: int = 0) -> UnitGates:
+                    flops_keep_fraction: float | None = None, seq: int = 128, seed: int = 0,
+                    costs: tuple[float, float] | None = None, cost_budget: float | None = None) -> UnitGates:
     """Install gates over heads and feed-forward blocks as ``model.head_gates`` and return them.
 
     Args:
@@ -469,6 +476,8 @@ def add_unit_gates_(model: nn.Module, config: GateConfig, *, block_size: int, ff
         ffn_keep: blocks kept (a budget per kind), or None with ``flops_keep_fraction``.
         flops_keep_fraction: one budget: the share of the model's FLOPs per token at ``seq`` that the
             kept heads and blocks (plus everything not gated) may cost.
+        costs, cost_budget: one budget in another unit: (cost of a head, cost of a block) and what
+            the kept ones may cost together (a latency budget's fitted milliseconds).
     """
     if hasattr(model, "head_gates"):
         raise ValueError("model already has head gates")
@@ -480,10 +489,13 @@ def add_unit_gates_(model: nn.Module, config: GateConfig, *, block_size: int, ff
     width = widths.pop()
     if block_size <= 0 or width % block_size:
         raise ValueError(f"block_size {block_size} does not divide the feed-forward width {width}")
-    costs = budget = None
+    num_heads, num_blocks = heads.pop(), width // block_size
+    unit_cost = budget = None
     if flops_keep_fraction is not None:
-        costs, budget = flops_budget(model, block_size, flops_keep_fraction, seq)
-    gates = UnitGates(len(parts), heads.pop(), width // block_size, config, ffn_keep=ffn_keep, costs=costs,
+        unit_cost, budget = flops_budget(model, block_size, flops_keep_fraction, seq)
+    elif cost_budget is not None:
+        unit_cost, budget = unit_costs(len(parts), num_heads, num_blocks, *costs), float(cost_budget)
+    gates = UnitGates(len(parts), num_heads, num_blocks, config, ffn_keep=ffn_keep, costs=unit_cost,
                       budget=budget, seed=seed).to(gate_device(model))
     model.head_gates = gates
 

@@ -39,6 +39,7 @@ from pipeline.gates import (
     gate_device,
     install_mask_hooks_,
     top_k_mask,
+    unit_costs,
 )
 from pipeline.progress import track
 
@@ -325,12 +326,13 @@ def _random_units(model: nn.Module, keep: int, ffn: FfnBudget, seed: int) -> "Se
         mask = torch.cat([random_mask(layers, heads, keep, seed),
                           random_mask(layers, blocks, ffn.keep_blocks, seed + 1)], 1)
     else:
-        costs, budget = flops_budget(model, ffn.block_size, ffn.flops_keep_fraction, ffn.seq)
+        if ffn.flops_keep_fraction is not None:
+            costs, budget = flops_budget(model, ffn.block_size, ffn.flops_keep_fraction, ffn.seq)
+        else:
+            costs, budget = unit_costs(layers, heads, blocks, *ffn.unit_costs), ffn.cost_budget
         scores = torch.rand(costs.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         mask = top_k_mask(scores, budget_prefix(scores, costs, budget)).bool()
-    info = {"ffn": {"block_size": ffn.block_size, "keep_blocks": int(mask[:, heads:].sum()),
-                    "flops_keep_fraction": ffn.flops_keep_fraction}}
-    return Selection(mask[:, :heads], None, info, mask[:, heads:], None)
+    return Selection(mask[:, :heads], None, {"ffn": ffn.info(int(mask[:, heads:].sum()))}, mask[:, heads:], None)
 
 
 # --------------------------------------------------------------------------- one entry point
@@ -344,17 +346,31 @@ class FfnBudget:
         block_size: intermediate neurons per gate.
         keep_blocks: blocks kept over the whole model, with ``keep`` heads (a budget per kind); or
         flops_keep_fraction: one budget for heads and blocks together, as a share of the model's FLOPs
-            per token at ``seq`` (``keep`` is then unused: the budget decides how many heads stay).
+            per token at ``seq`` (``keep`` is then unused: the budget decides how many heads stay); or
+        unit_costs, cost_budget: one budget in another unit: (cost of a head, cost of a block) and what
+            the kept heads and blocks may cost together (a latency budget's fitted milliseconds).
     """
 
     block_size: int = 64
     keep_blocks: int | None = None
     flops_keep_fraction: float | None = None
     seq: int = 128
+    unit_costs: tuple[float, float] | None = None
+    cost_budget: float | None = None
 
     def __post_init__(self):
-        if (self.keep_blocks is None) == (self.flops_keep_fraction is None):
-            raise ValueError("FfnBudget needs keep_blocks or flops_keep_fraction, not both")
+        given = [self.keep_blocks is not None, self.flops_keep_fraction is not None, self.cost_budget is not None]
+        if sum(given) != 1:
+            raise ValueError("FfnBudget needs one of keep_blocks, flops_keep_fraction or cost_budget")
+        if (self.unit_costs is None) != (self.cost_budget is None):
+            raise ValueError("FfnBudget: unit_costs and cost_budget go together")
+
+    def info(self, blocks_kept: int) -> dict:
+        """What a selection records about its feed-forward budget."""
+        out = {"block_size": self.block_size, "keep_blocks": blocks_kept, "flops_keep_fraction": self.flops_keep_fraction}
+        if self.cost_budget is not None:
+            out |= {"unit_costs": list(self.unit_costs), "cost_budget": self.cost_budget}
+        return out
 
 
 FFN_METHODS = ("dsp", "ste", "random")
@@ -396,7 +412,8 @@ def add_method_gates_(model: nn.Module, method: str, keep: int, *, per_layer: bo
             raise ValueError(f"method {method!r} selects heads only; feed-forward blocks: {', '.join(FFN_METHODS)}")
         return add_unit_gates_(model, GateConfig(keep=keep, method=method, per_layer=per_layer, **options),
                                block_size=ffn.block_size, ffn_keep=ffn.keep_blocks,
-                               flops_keep_fraction=ffn.flops_keep_fraction, seq=ffn.seq, seed=seed)
+                               flops_keep_fraction=ffn.flops_keep_fraction, seq=ffn.seq, seed=seed,
+                               costs=ffn.unit_costs, cost_budget=ffn.cost_budget)
     if method in ("dsp", "ste"):
         return add_head_gates_(model, GateConfig(keep=keep, method=method, per_layer=per_layer, **options), seed=seed)
     if method == "hardconcrete":
@@ -449,8 +466,7 @@ def select_heads(method: str, model: nn.Module, keep: int, *, per_layer: bool = 
         if ffn is not None:
             mask, logits = gates.hardened().cpu(), gates.logits.detach().cpu()
             info["final_temperature"] = gates.temperature
-            info["ffn"] = {"block_size": ffn.block_size, "keep_blocks": int(mask[:, heads:].sum()),
-                           "flops_keep_fraction": ffn.flops_keep_fraction}
+            info["ffn"] = ffn.info(int(mask[:, heads:].sum()))
             return Selection(mask[:, :heads], logits[:, :heads], info, mask[:, heads:], logits[:, heads:])
         if method == "hardconcrete":
             info["penalty_keeps"] = gates.penalty_keeps()

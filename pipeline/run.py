@@ -309,11 +309,15 @@ def plan_budget(folder: RunFolder, cfg: RunConfig, *, force: bool = False, log=p
         return cfg
     write_json_atomic(folder.path / "config.json", planned.to_dict())
     if refuse:
-        log(Event("plan.keep", f"[{stage.name}] prune.keep = {planned.prune.keep}: predicted "
+        ffn = planned.prune.ffn
+        what = (f"prune.keep = {planned.prune.keep}" if "units" not in plan else
+                f"prune.ffn.cost_budget = {ffn.cost_budget:.3f} ms of heads ({ffn.head_cost:.4f} ms each) and "
+                f"blocks ({ffn.block_cost:.4f} ms each)")
+        log(Event("plan.keep", f"[{stage.name}] {what}: predicted "
                   f"{plan['statistic'].removesuffix('_ms')} {plan['predicted_ms']:.3f} ms against "
                   f"{plan['target']['latency_ms']:.3f} ms with a {plan['target']['margin']:.0%} margin "
                   f"(fit max error {plan['fit']['max_rel_error']:.1%})", stage=stage.name,
-                  fields={"keep": planned.prune.keep, "predicted_ms": plan["predicted_ms"],
+                  fields={"keep": plan["keep"], "cost_budget_ms": ffn.cost_budget, "predicted_ms": plan["predicted_ms"],
                           "target_ms": plan["target"]["latency_ms"]}))
     return planned
 

@@ -475,3 +475,149 @@ def test_budget_check_parses_extra_layouts():
     for bad in ("10,10", "13,0,0,0,0,0", "a,b,c,d,e,f", "-1,0,0,0,0,0"):
         with pytest.raises(ValueError, match="--also"):
             parse_layout(bad, 6, 12)
+
+
+# --- heads and feed-forward blocks under one budget (budget.ffn) -----------------------------------
+
+
+def _ffn_points(cost, key="p50_ms"):
+    """Cost points of MiniLM's FFN layouts (6 x 12 heads, 6 x 24 blocks) from ``cost(heads, blocks)``."""
+    from pipeline.budget import default_block_grid, ffn_cost_layouts
+
+    layouts = ffn_cost_layouts(default_grid(6, 12), default_block_grid(6, 24), 6, 12, 24)
+    return [{**item, key: cost(item["keep"], item["ffn_blocks"])} for item in layouts]
+
+
+def test_ffn_layouts_remove_heads_blocks_and_both():
+    from pipeline.budget import default_block_grid, ffn_cost_layouts
+
+    assert default_block_grid(6, 24) == (144, 108, 72, 36, 0)
+    layouts = ffn_cost_layouts(default_grid(6, 12), default_block_grid(6, 24), 6, 12, 24)
+    shapes = [(item["name"], item["keep"], item["ffn_blocks"]) for item in layouts]
+    # The head layouts of the heads-only plan, every block kept ...
+    assert [s for s in shapes if s[2] == 144] == [(item["name"], item["keep"], 144) for item in cost_layouts(
+        default_grid(6, 12), 6, 12)]
+    # ... blocks removed with every head kept, and both removed together down to nothing kept.
+    assert [s for s in shapes if s[2] < 144] == [
+        ("k72-b108", 72, 108), ("k72-b72", 72, 72), ("k72-b36", 72, 36), ("k72-b0", 72, 0),
+        ("k54-b108", 54, 108), ("k36-b72", 36, 72), ("k18-b36", 18, 36), ("k0-b0", 0, 0)]
+    both = next(item for item in layouts if item["name"] == "k18-b36")
+    assert both["layout"] == [3] * 6 and both["blocks"] == [6] * 6 and both["empty_layers"] == 0
+
+
+def test_fit_recovers_known_head_and_block_costs():
+    from pipeline.budget import FFN_FEATURE_SETS
+
+    fit, fits, reason = fit_cost_model(_ffn_points(lambda h, b: 2.0 + 0.05 * h + 0.03 * b), "p50_ms",
+                                       FFN_FEATURE_SETS)
+    assert fit.terms == ("intercept", "heads", "ffn_blocks") and reason.startswith("heads and blocks alone")
+    assert fit.coefficients == pytest.approx((2.0, 0.05, 0.03)) and fit.max_rel_error < 1e-9
+    assert len(fits) == 2
+
+
+def test_unit_planner_gives_the_cost_budget_within_the_margin():
+    from pipeline.budget import plan_units, unreachable_units_message
+
+    fit = CostFit(("intercept", "heads", "ffn_blocks"), (2.0, 0.05, 0.03), 0.0, 0.0, None, 16)
+    # 6 ms with 5%: heads and blocks may cost 6 / 1.05 - 2 = 3.714 ms of the 3.6 + 4.32 they cost in all.
+    plan = plan_units(fit, resolve_target("latency_ms", 6.0, percentile="p50", batch=1), num_layers=6,
+                      heads_per_layer=12, blocks_per_layer=24, margin=0.05)
+    assert plan.reachable and plan.budget_ms == pytest.approx(6 / 1.05 - 2)
+    assert plan.predicted_ms * 1.05 == pytest.approx(6.0) and plan.all_ms == pytest.approx(9.92)
+    assert plan.heads_with_all_blocks() == 0 and plan.blocks_with_all_heads() == 3  # 0.114 ms / 0.03
+    # A budget above the unpruned model keeps everything; an empty layer that saves time is not counted on.
+    saving = CostFit(fit.terms + ("empty_layers",), (2.0, 0.05, 0.03, -0.1), 0.0, 0.0, None, 16)
+    loose = plan_units(saving, resolve_target("latency_ms", 50.0, percentile="p50", batch=1), num_layers=6,
+                       heads_per_layer=12, blocks_per_layer=24, margin=0.05)
+    assert loose.budget_ms == pytest.approx(7.92) and loose.heads_with_all_blocks() == 72
+    # Below one block kept (2 + 0.03 = 2.03 ms), the plan refuses, naming the fastest measurement.
+    target = resolve_target("latency_ms", 2.1, percentile="p50", batch=1)
+    tight = plan_units(fit, target, num_layers=6, heads_per_layer=12, blocks_per_layer=24, margin=0.05)
+    assert not tight.reachable and tight.smallest_ms == pytest.approx(2.03)
+    assert unreachable_units_message(target, tight, 0.05, fastest_measured_ms=2.0, setting="here") == (
+        "budget.latency_ms: 2.1 ms (p50 <= 2.100 ms) is out of reach on this machine: one head or feed-forward block "
+        "kept is predicted at 2.030 ms (2.131 ms with the 5% margin); with every head and block removed it "
+        "measured 2.000 ms (here)")
+    # A table where removing blocks saved nothing: blocks cost nothing, so every one is kept.
+    noisy = CostFit(fit.terms, (2.0, 0.05, -0.001), 0.0, 0.0, None, 16)
+    free = plan_units(noisy, resolve_target("latency_ms", 6.0, percentile="p50", batch=1), num_layers=6,
+                      heads_per_layer=12, blocks_per_layer=24, margin=0.05)
+    assert free.free == ("ffn_blocks",) and free.block_ms == 0.0 and free.blocks_with_all_heads() == 144
+    assert free.heads_with_all_blocks() == 72 and free.smallest_ms == 2.0  # 3.714 ms buys 74 heads
+
+
+def test_plan_command_with_blocks_prints_the_cost_budget_and_sets_the_unit_costs(tmp_path):
+    from pipeline.budget import default_block_grid, ffn_cost_layouts
+    from pipeline.stages.plan import measurement_key
+
+    run_dir = tmp_path / "run"
+    overrides = ["budget.ffn=true", "budget.margin=0.05", "budget.latency_fraction=null", "budget.latency_ms=6"]
+    cfg = load_config(BUDGET_CONFIG, [f"run_dir={run_dir}", *overrides])
+    layouts = ffn_cost_layouts(default_grid(6, 12), default_block_grid(6, 24), 6, 12, 24)
+    points = [{**p, "p90_ms": p["p50_ms"], "p99_ms": p["p50_ms"], "mean_ms": p["p50_ms"],
+               "throughput_per_s": 1000 / p["p50_ms"], "rounds_p50_ms": [p["p50_ms"]], "spread": 1.0,
+               "load_avg": [0.1, 0.1, 0.1]} for p in _ffn_points(lambda h, b: 2.0 + 0.05 * h + 0.03 * b)]
+    _write(run_dir / "plan" / "costs.json", {"key": measurement_key(cfg, layouts, 2),
+                                             "measured": "2026-05-09T12:00:00+00:00",
+                                             "machine": {"cores": 2, "load_avg": [0.1, 0.1, 0.1]}, "points": points})
+    args = ("plan", "-c", str(BUDGET_CONFIG), "--set", f"run_dir={run_dir}", *sum((["--set", o] for o in overrides), []))
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "    0 heads,   0 blocks, 6 empty layer(s): p50 2.000 ms" in out
+    assert ("Planned: heads and feed-forward blocks (64 neurons) may cost 3.714 ms of the 7.920 ms all 72 heads and "
+            "144 blocks cost (0.0500 ms per head, 0.0300 ms per block, 2.000 ms fixed): predicted p50 5.714 ms "
+            "(6.000 ms with the margin) against 6.000 ms") in out
+    assert "for example every block and 0 heads, or every head and 3 blocks" in out
+    ffn = json.loads((run_dir / "config.json").read_text())["prune"]["ffn"]
+    assert ffn["head_cost"] == pytest.approx(0.05) and ffn["block_cost"] == pytest.approx(0.03)
+    assert ffn["cost_budget"] == pytest.approx(6 / 1.05 - 2)
+
+    refused = run_cli(*args[:-1], "budget.latency_ms=2.02")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "dsprune: error: budget.latency_ms: 2.02 ms (p50 <= 2.020 ms) is out of reach on this machine: one head or "
+        "feed-forward block kept is predicted at 2.030 ms")
+
+
+@pytest.mark.integration
+def test_run_with_a_budget_of_heads_and_blocks_plans_unit_costs_and_checks_them(tmp_path, tokenizer):
+    """dsprune run with budget.ffn on the tiny model: a real cost table with blocks removed, the fitted
+    unit costs handed to joint DSP, the pruned model within its cost budget, the report's budget section."""
+    from conftest import GLUE, make_tiny_bert
+    from pipeline.surgery import save_pruned
+
+    if not (GLUE / "SST-2").is_dir():
+        pytest.skip("needs ../shared/data/glue/SST-2")
+    model_dir = save_pruned(make_tiny_bert(), tmp_path / "tiny", tokenizer)
+    run_dir = tmp_path / "run"
+    config = tmp_path / "tiny-budget-ffn.yaml"
+    config.write_text(f"run_dir: {run_dir}\nmodel: {{name: {model_dir}}}\n"
+                      "data: {max_train_examples: 32, max_eval_examples: 32, max_seq_length: 16}\n"
+                      "finetune: {batch_size: 16}\nquantize: {presets: [int8-dynamic]}\n"
+                      "prune: {ffn: {block_size: 32}}\n"
+                      "bench: {batches: [1], seqs: [16], warmup: 1, runs: 3, min_seconds: 0, rounds: 1, engines: [onnx-int8]}\n"
+                      "gates: {max_metric_drop: null}\n"
+                      "budget: {latency_ms: 1000, batch: 1, seq: 24, engine: onnx-int8, ffn: true}\n")
+    result = run_cli("run", "-c", str(config))
+    assert result.returncode == 0, result.stderr[-2000:]
+    costs = json.loads((run_dir / "plan" / "costs.json").read_text())
+    # 8 heads and 8 blocks of 32 neurons: heads removed, blocks removed, both, down to nothing kept.
+    assert [(p["keep"], p["ffn_blocks"]) for p in costs["points"]] == [
+        (8, 8), (6, 8), (4, 8), (4, 8), (2, 8), (2, 8), (0, 8), (8, 6), (8, 4), (8, 2), (8, 0),
+        (6, 6), (4, 4), (2, 2), (0, 0)]
+    plan = json.loads((run_dir / "plan" / "plan.json").read_text())
+    ffn = json.loads((run_dir / "config.json").read_text())["prune"]["ffn"]
+    assert plan["units"]["budget_ms"] == ffn["cost_budget"] and plan["units"]["head_ms"] == ffn["head_cost"]
+    assert "[plan] prune.ffn.cost_budget = " in result.stderr
+    mask = json.loads((run_dir / "harden" / "mask.json").read_text())
+    heads, blocks = sum(map(len, mask["kept_heads"].values())), sum(map(sum, mask["ffn"]["mask"]))
+    assert heads * ffn["head_cost"] + blocks * ffn["block_cost"] <= ffn["cost_budget"] * (1 + 1e-9)
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    budget = report["budget"]
+    assert budget["planned_keep"] is None and budget["units"]["budget_ms"] == ffn["cost_budget"]
+    assert budget["measured"]["keep"] == heads and budget["measured"]["blocks"] == blocks
+    assert budget["gate"]["passed"] and all("blocks_per_layer" in p for p in budget["cost_model"]["points"])
+    markdown = (run_dir / "report" / "report.md").read_text()
+    assert "ms of heads and feed-forward blocks** (" in markdown and "| Blocks per layer |" in markdown
+    assert (run_dir / "report" / "budget.png").stat().st_size > 0

@@ -150,8 +150,9 @@ def test_flop_budget_below_the_ungated_share_is_refused():
         add_unit_gates_(make_tiny_bert(), GateConfig(keep=1), block_size=48, ffn_keep=2)
 
 
-@pytest.mark.parametrize("budget", [FfnBudget(BLOCK, keep_blocks=5), FfnBudget(BLOCK, flops_keep_fraction=0.4)],
-                         ids=["per-kind", "flops"])
+@pytest.mark.parametrize("budget", [FfnBudget(BLOCK, keep_blocks=5), FfnBudget(BLOCK, flops_keep_fraction=0.4),
+                                    FfnBudget(BLOCK, unit_costs=(0.5, 0.2), cost_budget=3.3)],
+                         ids=["per-kind", "flops", "unit-costs"])
 def test_random_and_dsp_selections_meet_the_budget_and_are_seeded(budget, tiny_inputs):
     labels = torch.tensor([0, 1, 0])
 
@@ -171,6 +172,12 @@ def test_random_and_dsp_selections_meet_the_budget_and_are_seeded(budget, tiny_i
         assert torch.equal(first.mask, second.mask) and torch.equal(first.ffn_mask, second.ffn_mask)
         if budget.keep_blocks is not None:
             assert first.mask.sum() == 6 and first.ffn_mask.sum() == 5
+        elif budget.cost_budget is not None:
+            # 3 layers x (4 heads at 0.5 + 4 blocks at 0.2) cost 8.4; a prefix of one ranking fills 3.3
+            # to within the dearest unit, and the selection records the costs it was held to.
+            spent = 0.5 * float(first.mask.sum()) + 0.2 * float(first.ffn_mask.sum())
+            assert 3.3 - 0.5 < spent <= 3.3 + 1e-9
+            assert first.info["ffn"]["unit_costs"] == [0.5, 0.2] and first.info["ffn"]["cost_budget"] == 3.3
         else:
             model = make_tiny_bert(layers=3)
             total = flops_per_token(model, 128)
@@ -227,7 +234,15 @@ def test_pipeline_prunes_heads_and_blocks_to_a_flop_budget_and_exports(tmp_path)
     (["prune.ffn.keep_fraction=0.5", "prune.per_layer=true"], "prune.per_layer: feed-forward pruning takes a global"),
     (["prune.flops_keep_fraction=1.5"], "prune.flops_keep_fraction: must be in (0, 1)"),
     (["prune.ffn.block_size=0"], "prune.ffn.block_size: must be a positive number"),
-    (["prune.flops_keep_fraction=0.5", "budget.latency_fraction=0.8"], "a latency budget plans heads only"),
+    (["prune.flops_keep_fraction=0.5", "budget.latency_fraction=0.8"],
+     "prune.flops_keep_fraction: a latency budget plans the feed-forward blocks itself; remove it and set budget.ffn"),
+    (["prune.ffn.head_cost=1", "prune.ffn.cost_budget=3"], "head_cost, block_cost and cost_budget go together"),
+    (["prune.ffn.head_cost=1", "prune.ffn.block_cost=1", "prune.ffn.cost_budget=3", "prune.ffn.keep_fraction=0.5"],
+     "prune.ffn.cost_budget: 3.0 is one budget for heads and feed-forward blocks"),
+    (["prune.ffn.head_cost=-1"], "prune.ffn.head_cost: must be >= 0"),
+    (["budget.latency_fraction=0.8", "budget.ffn=true", "prune.method=hardconcrete"],
+     "budget.ffn: feed-forward pruning works with dsp, ste, random, got prune.method 'hardconcrete'"),
+    (["budget.ffn=true"], "budget.ffn: true plans feed-forward blocks under a latency budget; set one of"),
 ])
 def test_feed_forward_config_errors_name_the_field(overrides, message):
     from pipeline.config import ConfigError, load_config

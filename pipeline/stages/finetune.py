@@ -117,6 +117,9 @@ def ffn_budget(cfg: RunConfig, model) -> FfnBudget | None:
     pr = cfg.prune
     if pr.flops_keep_fraction is not None:
         return FfnBudget(pr.ffn.block_size, flops_keep_fraction=pr.flops_keep_fraction, seq=pr.flops_seq)
+    if pr.ffn.cost_budget is not None:
+        return FfnBudget(pr.ffn.block_size, unit_costs=(pr.ffn.head_cost, pr.ffn.block_cost),
+                         cost_budget=pr.ffn.cost_budget, seq=pr.flops_seq)
     if pr.ffn.keep_fraction is None:
         return None
     blocks = sum(p.width for p in feed_forward_parts(model)) // pr.ffn.block_size

@@ -7,6 +7,11 @@ plans the largest K predicted to meet the target with ``budget.margin`` to spare
 then trains with exactly that K (it becomes ``prune.keep``) or, when no K is predicted to meet the
 target, refuses before any training (exit 2) with the fastest latency the model reaches here.
 
+With ``budget.ffn`` the layouts remove feed-forward blocks too, the fit gains a per-block term, and
+the plan is a cost budget rather than a K: milliseconds per head and per block and what the kept
+ones may cost (``prune.ffn.head_cost``, ``block_cost`` and ``cost_budget`` of the planned config);
+joint DSP decides which heads and blocks stay.
+
 Outputs: ``costs.json`` (the measured table, the machine and load, and the key of what was
 measured) and ``plan.json`` (the target, the fits and their errors, K, the predicted curve, and the
 study's metric range at K when ``budget.study`` names one).
@@ -31,7 +36,8 @@ COSTS = "costs.json"
 PLAN = "plan.json"
 
 
-def _model_shape(cfg: RunConfig) -> tuple[int, int, int | None]:
+def _model_shape(cfg: RunConfig) -> tuple[int, int, int | None, int | None]:
+    """(layers, heads per layer, max positions, feed-forward blocks per layer or None without budget.ffn)."""
     from transformers import AutoConfig
 
     from pipeline.architectures import adapter_for
@@ -39,7 +45,14 @@ def _model_shape(cfg: RunConfig) -> tuple[int, int, int | None]:
 
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
     adapter_for(config)
-    return config.num_hidden_layers, config.num_attention_heads, getattr(config, "max_position_embeddings", None)
+    blocks = None
+    if cfg.budget.ffn:
+        width, size = config.intermediate_size, cfg.prune.ffn.block_size
+        if width % size:
+            raise ValueError(f"prune.ffn.block_size: {size} does not divide the model's feed-forward width {width}")
+        blocks = width // size
+    return (config.num_hidden_layers, config.num_attention_heads, getattr(config, "max_position_embeddings", None),
+            blocks)
 
 
 def _graph(cfg: RunConfig) -> str:
@@ -56,7 +69,9 @@ def measurement_key(cfg: RunConfig, layouts: list[dict], num_labels: int) -> dic
     from pipeline.run import versions
 
     b, budget = cfg.bench, cfg.budget
+    ffn = {"blocks": [item["blocks"] for item in layouts], "block_size": cfg.prune.ffn.block_size} if budget.ffn else {}
     return {
+        **ffn,
         "model": cfg.model.name, "attn_implementation": cfg.model.attn_implementation, "num_labels": num_labels,
         "engine": budget.engine, "device": budget.device, "graph": _graph(cfg), "opset": cfg.export.opset,
         "batch": budget.batch, "seq": budget.seq, "threads": b.threads,
@@ -73,15 +88,24 @@ def setting(cfg: RunConfig) -> str:
             f"{cfg.bench.threads} threads")
 
 
-def make_plan(cfg: RunConfig, costs: dict, num_layers: int, heads_per_layer: int) -> dict:
-    """plan.json from a cost table: target, fits, the planned K, the curve and the study's range."""
+def _unpruned_point(points: list[dict], total: int) -> dict | None:
+    """The layout that keeps every head (and every block, when blocks were timed)."""
+    full = [p for p in points if p["keep"] == total]
+    return max(full, key=lambda p: p.get("ffn_blocks", 0), default=None)
+
+
+def make_plan(cfg: RunConfig, costs: dict, num_layers: int, heads_per_layer: int,
+              blocks_per_layer: int | None = None) -> dict:
+    """plan.json from a cost table: target, fits, the planned K (or cost budget), the curve and the study's range."""
     budget = cfg.budget
     points = costs["points"]
     total = num_layers * heads_per_layer
     field_name = budget.target_fields[0]
-    unpruned = next((p for p in points if p["keep"] == total), None)
+    unpruned = _unpruned_point(points, total)
     target = planner.resolve_target(field_name, getattr(budget, field_name), percentile=budget.percentile,
                                       batch=budget.batch, unpruned_ms=unpruned)
+    if blocks_per_layer is not None:
+        return _make_unit_plan(cfg, costs, target, num_layers, heads_per_layer, blocks_per_layer, unpruned)
     fit, fits, reason = planner.fit_cost_model(points, target.statistic)
     plan = planner.plan_heads(fit, target, num_layers=num_layers, heads_per_layer=heads_per_layer,
                                 margin=budget.margin, per_layer=cfg.prune.per_layer)
@@ -123,6 +147,56 @@ def make_plan(cfg: RunConfig, costs: dict, num_layers: int, heads_per_layer: int
     }
 
 
+def _make_unit_plan(cfg: RunConfig, costs: dict, target, num_layers: int, heads_per_layer: int,
+                    blocks_per_layer: int, unpruned: dict | None) -> dict:
+    """plan.json when heads and feed-forward blocks share the budget (``budget.ffn``)."""
+    budget, points = cfg.budget, costs["points"]
+    fit, fits, reason = planner.fit_cost_model(points, target.statistic, planner.FFN_FEATURE_SETS)
+    plan = planner.plan_units(fit, target, num_layers=num_layers, heads_per_layer=heads_per_layer,
+                              blocks_per_layer=blocks_per_layer, margin=budget.margin)
+    fastest = min(p[target.statistic] for p in points)
+    message = None
+    if not plan.reachable:
+        message = planner.unreachable_units_message(target, plan, budget.margin, fastest_measured_ms=fastest,
+                                                    setting=setting(cfg))
+    warnings = planner.measurement_warnings(points, cores=costs["machine"]["cores"], threads=cfg.bench.threads,
+                                            fit=fit, margin=budget.margin)
+    fitted = dict(zip(fit.terms, fit.coefficients))
+    warnings += [f"removing {kind.replace('ffn_', 'feed-forward ')} did not save time in the cost table (fitted "
+                 f"{fitted[kind]:+.4f} ms each): they are planned at no cost, so every one is kept"
+                 for kind in plan.free]
+    units = {"head_ms": plan.head_ms, "block_ms": plan.block_ms, "fixed_ms": plan.fixed_ms,
+             "budget_ms": plan.budget_ms, "all_ms": plan.all_ms, "block_size": cfg.prune.ffn.block_size}
+    if plan.reachable:
+        units |= {"heads_with_all_blocks": plan.heads_with_all_blocks(),
+                  "blocks_with_all_heads": plan.blocks_with_all_heads()}
+    return {
+        "target": {**dataclasses.asdict(target), "engine": budget.engine, "device": budget.device,
+                   "seq": budget.seq, "threads": cfg.bench.threads, "percentile": budget.percentile,
+                   "margin": budget.margin, "description": target.describe()},
+        "model": {"num_layers": num_layers, "heads_per_layer": heads_per_layer,
+                  "heads_total": num_layers * heads_per_layer, "per_layer": False,
+                  "blocks_per_layer": blocks_per_layer, "blocks_total": num_layers * blocks_per_layer},
+        "statistic": target.statistic,
+        "fit": fit.to_dict(),
+        "fit_choice": reason,
+        "fits": [f.to_dict() for f in fits],
+        "keep": None,
+        "units": units,
+        "reachable": plan.reachable,
+        "predicted_ms": plan.predicted_ms,
+        "predicted_with_margin_ms": None if plan.predicted_ms is None else plan.predicted_ms * (1 + budget.margin),
+        "smallest_keep": None,
+        "smallest_ms": plan.smallest_ms,
+        "fastest_measured_ms": fastest,
+        "unpruned_measured_ms": unpruned[target.statistic] if unpruned else None,
+        "curve": [],
+        "message": message,
+        "warnings": warnings,
+        "expected_metric": None,
+    }
+
+
 def _check(cfg: RunConfig, num_layers: int, heads_per_layer: int, max_positions: int | None) -> tuple[int, ...]:
     budget = cfg.budget
     if not budget.active:
@@ -144,13 +218,31 @@ def _check(cfg: RunConfig, num_layers: int, heads_per_layer: int, max_positions:
     return grid
 
 
+def _check_blocks(cfg: RunConfig, num_layers: int, blocks_per_layer: int) -> tuple[int, ...]:
+    total = num_layers * blocks_per_layer
+    grid = cfg.budget.block_grid or planner.default_block_grid(num_layers, blocks_per_layer)
+    too_many = [k for k in grid if k > total]
+    if too_many:
+        raise ValueError(f"budget.block_grid: {too_many} exceed the model's {total} feed-forward blocks "
+                         f"({num_layers} x {blocks_per_layer} of {cfg.prune.ffn.block_size} neurons)")
+    grid = tuple(sorted({total, *grid}, reverse=True))
+    if len(grid) < 2:
+        raise ValueError(f"budget.block_grid: {list(cfg.budget.block_grid)} gives one block count; list at least one "
+                         f"below {total}")
+    return grid
+
+
 def run(cfg: RunConfig, run_dir, out):
     from pipeline.evaluation import task_spec
 
     run_dir, out = Path(run_dir), Path(out)
-    num_layers, heads_per_layer, max_positions = _model_shape(cfg)
+    num_layers, heads_per_layer, max_positions, blocks_per_layer = _model_shape(cfg)
     grid = _check(cfg, num_layers, heads_per_layer, max_positions)
-    layouts = planner.cost_layouts(grid, num_layers, heads_per_layer)
+    if blocks_per_layer is None:
+        layouts = planner.cost_layouts(grid, num_layers, heads_per_layer)
+    else:
+        block_grid = _check_blocks(cfg, num_layers, blocks_per_layer)
+        layouts = planner.ffn_cost_layouts(grid, block_grid, num_layers, heads_per_layer, blocks_per_layer)
     task = task_spec(cfg)
     num_labels = task.num_labels
     key = measurement_key(cfg, layouts, num_labels)
@@ -169,12 +261,14 @@ def run(cfg: RunConfig, run_dir, out):
                                       seq=cfg.budget.seq, threads=b.threads, warmup=b.warmup, runs=b.runs,
                                       min_seconds=b.min_seconds, rounds=b.rounds,
                                       aggregate=b.aggregate, opset=cfg.export.opset,
-                                      graph="plain" if key["graph"] == "torch" else key["graph"])
+                                      graph="plain" if key["graph"] == "torch" else key["graph"],
+                                      block_size=cfg.prune.ffn.block_size)
         costs = {"key": key, "measured": started.isoformat(timespec="seconds"), **measured}
     write_json_atomic(out / COSTS, costs)
-    plan = make_plan(cfg, costs, num_layers, heads_per_layer)
+    plan = make_plan(cfg, costs, num_layers, heads_per_layer, blocks_per_layer)
     write_json_atomic(out / PLAN, plan)
-    return {"cost_table": "reused" if reused else "measured", "keep": plan["keep"], "reachable": plan["reachable"],
+    return {"cost_table": "reused" if reused else "measured", "keep": plan["keep"],
+            "cost_budget_ms": plan.get("units", {}).get("budget_ms"), "reachable": plan["reachable"],
             "predicted_ms": plan["predicted_ms"], "fit_max_rel_error": plan["fit"]["max_rel_error"]}
 
 
@@ -187,7 +281,8 @@ def read_costs(run_dir) -> dict:
 
 
 def planned_config(cfg: RunConfig, run_dir) -> RunConfig:
-    """``cfg`` with the planned K as ``prune.keep``.
+    """``cfg`` with the planned K as ``prune.keep`` (or, with ``budget.ffn``, the planned cost budget as
+    ``prune.ffn.head_cost``, ``block_cost`` and ``cost_budget``).
 
     Raises:
         BudgetUnreachable: no allowed K is predicted to meet the budget (one line; exit 2).
@@ -195,6 +290,13 @@ def planned_config(cfg: RunConfig, run_dir) -> RunConfig:
     plan = read_plan(run_dir)
     if not plan["reachable"]:
         raise planner.BudgetUnreachable(plan["message"])
+    if "units" in plan:
+        units = plan["units"]
+        ffn = dataclasses.replace(cfg.prune.ffn, head_cost=units["head_ms"], block_cost=units["block_ms"],
+                                  cost_budget=units["budget_ms"])
+        # keep bounds nothing here (the cost budget decides how many heads stay): every head may.
+        return dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, ffn=ffn,
+                                                                  keep=int(plan["model"]["heads_total"])))
     return dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, keep=int(plan["keep"])))
 
 
@@ -211,13 +313,16 @@ def describe(plan: dict, costs: dict, *, curve_step: int | None = None) -> list[
         f"{' / '.join(f'{x:.2f}' for x in load)} on {costs['machine']['cores']} cores",
     ]
     for p in costs["points"]:
-        lines.append(f"  {p['keep']:>4} heads, {p['empty_layers']} empty layer(s): {name} {p[statistic]:.3f} ms "
+        blocks = f", {p['ffn_blocks']:>3} blocks" if "ffn_blocks" in p else ""
+        lines.append(f"  {p['keep']:>4} heads{blocks}, {p['empty_layers']} empty layer(s): {name} {p[statistic]:.3f} ms "
                      f"(spread {p['spread']:.2f}, load {p['load_avg'][0]:.2f})")
     chosen = planner.CostFit.from_dict(fit)
     loo = fit["loo_rms_rel_error"]
     lines.append(f"Fit: {name} = {chosen.formula()}; max error {fit['max_rel_error']:.1%}, "
                  f"RMS {fit['rms_rel_error']:.1%}" + (f", leave-one-out {loo:.1%}" if loo is not None else "") + f" ({plan['fit_choice']})")
     lines += [f"Warning: {w}" for w in plan.get("warnings", [])]
+    if "units" in plan:
+        return lines + _describe_units(plan)
     if plan["reachable"]:
         lines.append(f"Planned: keep {plan['keep']} of {plan['model']['heads_total']} heads, predicted {name} "
                      f"{plan['predicted_ms']:.3f} ms ({plan['predicted_with_margin_ms']:.3f} ms with the margin) "
@@ -246,3 +351,20 @@ def describe(plan: dict, costs: dict, *, curve_step: int | None = None) -> list[
     elif plan["reachable"]:
         lines.append("Expected metric: no study rows (set budget.study to a benchmarks/results/study-*.json)")
     return lines
+
+
+def _describe_units(plan: dict) -> list[str]:
+    """The plan of heads and feed-forward blocks under one budget, for people."""
+    units, target, model = plan["units"], plan["target"], plan["model"]
+    name = plan["statistic"].removesuffix("_ms")
+    if not plan["reachable"]:
+        return [f"Refused: {plan['message']}"]
+    return [
+        f"Planned: heads and feed-forward blocks ({units['block_size']} neurons) may cost {units['budget_ms']:.3f} ms "
+        f"of the {units['all_ms'] - units['fixed_ms']:.3f} ms all {model['heads_total']} heads and "
+        f"{model['blocks_total']} blocks cost ({units['head_ms']:.4f} ms per head, {units['block_ms']:.4f} ms per "
+        f"block, {units['fixed_ms']:.3f} ms fixed): predicted {name} {plan['predicted_ms']:.3f} ms "
+        f"({plan['predicted_with_margin_ms']:.3f} ms with the margin) against {target['latency_ms']:.3f} ms",
+        f"  for example every block and {units['heads_with_all_blocks']} heads, or every head and "
+        f"{units['blocks_with_all_heads']} blocks; joint DSP decides the mix",
+    ]

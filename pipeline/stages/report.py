@@ -109,20 +109,22 @@ def build_report(cfg: RunConfig, run_dir: Path, *, created: str | None = None,
     report["speedups"] = speedups(report)
     report["pruning_speedups"] = pruning_speedups(variants, pruned["flops_per_token"])
     if cfg.budget.active:
-        report["budget"] = budget_section(cfg, run_dir, rows, kept, len(mask["mask"]))
+        report["budget"] = budget_section(cfg, run_dir, rows, kept, len(mask["mask"]), mask.get("ffn"))
     report["gates"] = evaluate_gates(cfg, report)
     return report
 
 
-def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, num_layers: int) -> dict:
+def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, num_layers: int,
+                   ffn_mask: dict | None = None) -> dict:
     """The budget, the cost model it was planned from, and the pruned model's measured point against it.
 
     The check reads the bench row of the budget's engine, batch and sequence length. A
     ``latency_fraction`` budget is checked as the pruned over the unpruned latency measured in the
     same interleaved bench session, so a machine busier than when the cost table was measured
-    does not move the bound.
+    does not move the bound. With feed-forward blocks planned (``budget.ffn``), every point and the
+    measured mask also carry their blocks per layer, and the plan its unit costs (``units``).
     """
-    from pipeline.budget import CostFit, features
+    from pipeline.budget import CostFit, features, point_features
     from pipeline.stages.plan import read_costs, read_plan
 
     plan, costs = read_plan(run_dir), read_costs(run_dir)
@@ -138,7 +140,9 @@ def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, 
 
     pruned_row, baseline_row = bench_row("pruned"), bench_row("baseline")
     layout = [len(kept.get(str(layer), [])) for layer in range(num_layers)]
-    shape = features(layout)
+    units = plan.get("units")
+    blocks = [int(sum(row)) for row in ffn_mask["mask"]] if units and ffn_mask else None
+    shape = features(layout, blocks)
     value_ms, baseline_ms = pruned_row[statistic], baseline_row[statistic]
     name = statistic.removesuffix("_ms")
     where = f"batch {b.batch}, seq {b.seq}"
@@ -155,13 +159,18 @@ def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, 
         gate = {"name": f"budget.latency_ms (pruned/{b.engine} {name} ms, {where})",
                 "value": value_ms, "bound": target["value"], "passed": value_ms <= target["value"]}
     fit = CostFit.from_dict(plan["fit"])
-    return {
+
+    def with_blocks(entry: dict, per_layer) -> dict:
+        return entry if per_layer is None else {**entry, "blocks": int(sum(per_layer)), "blocks_per_layer": per_layer}
+
+    section = {
         "target": {k: target[k] for k in ("field", "value", "statistic", "latency_ms", "engine", "device", "batch",
                                           "seq", "threads", "margin", "percentile")},
         "cost_model": {
-            "points": [{"keep": p["keep"], "empty_layers": p["empty_layers"], "kept_per_layer": p["layout"],
-                        "value_ms": p[statistic], "fitted_ms": fit.predict(features(p["layout"])),
-                        "spread": p["spread"], "load_avg": p["load_avg"]} for p in costs["points"]],
+            "points": [with_blocks({"keep": p["keep"], "empty_layers": p["empty_layers"], "kept_per_layer": p["layout"],
+                                    "value_ms": p[statistic], "fitted_ms": fit.predict(point_features(p)),
+                                    "spread": p["spread"], "load_avg": p["load_avg"]}, p.get("blocks"))
+                       for p in costs["points"]],
             "fit": plan["fit"],
             "fit_choice": plan["fit_choice"],
             "fits": plan["fits"],
@@ -173,14 +182,17 @@ def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, 
         "curve": plan["curve"],
         "expected_metric": plan["expected_metric"],
         "warnings": plan.get("warnings", []),
-        "measured": {
+        "measured": with_blocks({
             "keep": int(shape["heads"]), "empty_layers": int(shape["empty_layers"]), "kept_per_layer": layout,
             "value_ms": value_ms, "predicted_ms": fit.predict(shape), "baseline_ms": baseline_ms,
             "throughput_per_s": pruned_row["throughput_per_s"], "spread": pruned_row["spread"],
             "load_avg": pruned_row["load_avg"],
-        },
+        }, blocks),
         "gate": gate,
     }
+    if units:
+        section["units"] = units
+    return section
 
 
 def pruning_speedups(variants: list[dict], flops: dict) -> list[dict]:
