@@ -8,12 +8,19 @@ settings, interleaved, each round in fresh processes: the unpruned model, the ru
 heads per layer), and that mask plus the ``step`` next heads in the gates' ranking
 (``finetune/gates.json``), i.e. what training with K + step would most likely have kept. As in the
 plan stage, the pretrained weights stand in for the trained ones (latency does not depend on them).
+A ``latency_fraction`` budget on p50 is judged, as in the bench stage, by the median over rounds of
+each layout's p50 over the unpruned one's in the same round.
 
 ``--also`` adds layouts (heads per layer) to the same interleaved rounds, for example even layouts
 of about K heads to compare an uneven trained mask with; they are reported, not judged.
 
 K is "within one step of the largest K that meets the budget" when K meets it and K + step does
-not; when K + step meets it too, the planner was too cautious by at least a step. Prints one line
+not; when K + step meets it too, the planner was too cautious by at least a step.
+
+A run that planned feed-forward blocks too (``budget.ffn``) has no K: its mask is heads and blocks
+within a cost budget. Then "planned" is that mask and "planned+step" adds the ``step`` next units
+(heads or blocks) of the gates' joint ranking, i.e. what a cost budget a few units larger would
+most likely have kept; each layout also keeps its blocks per layer. Prints one line
 per layout and writes the JSON when ``--out`` is given. Exit 0 when K is within one step, 1 when
 not (K misses, or K + step also meets), 2 on bad input.
 """
@@ -40,6 +47,27 @@ def layouts_to_check(logits: list[list[float]], kept: dict[str, list[int]], step
     return {"unpruned": [heads] * num_layers, "planned": per_layer(mask), "planned+step": per_layer(grown)}
 
 
+def units_to_check(logits: list[list[float]], kept: dict[str, list[int]], ffn_logits: list[list[float]],
+                   ffn_mask: list[list[int]], step: int) -> dict[str, dict[str, list[int]]]:
+    """As :func:`layouts_to_check` for heads and feed-forward blocks ranked together (one scale of gate
+    logits): ``{name: {"layout": heads per layer, "blocks": blocks per layer}}``; the grown mask adds
+    the ``step`` best-ranked units outside it, heads or blocks."""
+    num_layers, heads, blocks = len(logits), len(logits[0]), len(ffn_logits[0])
+    mask = {(int(layer), h) for layer, hs in kept.items() for h in hs}
+    mask |= {(layer, heads + b) for layer in range(num_layers) for b in range(blocks) if ffn_mask[layer][b]}
+    scores = [list(logits[layer]) + list(ffn_logits[layer]) for layer in range(num_layers)]
+    outside = sorted((-scores[layer][u], layer, u) for layer in range(num_layers) for u in range(heads + blocks)
+                     if (layer, u) not in mask)
+    grown = mask | {(layer, u) for _, layer, u in outside[:step]}
+
+    def split(units):
+        return {"layout": [sum(1 for layer, u in units if layer == i and u < heads) for i in range(num_layers)],
+                "blocks": [sum(1 for layer, u in units if layer == i and u >= heads) for i in range(num_layers)]}
+
+    return {"unpruned": {"layout": [heads] * num_layers, "blocks": [blocks] * num_layers},
+            "planned": split(mask), "planned+step": split(grown)}
+
+
 def parse_layout(text: str, num_layers: int, heads: int) -> list[int]:
     """Heads per layer from ``"10,10,8,8,12,12"``; a ValueError names the value when it does not fit the model."""
     try:
@@ -62,35 +90,50 @@ def check(run_dir: Path, step: int, log=print, also: tuple[str, ...] = ()) -> di
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     if not cfg.budget.active:
         raise ValueError(f"{run_dir / 'config.json'}: budget: no target set; this run has no latency budget")
-    kept = json.loads((run_dir / "harden" / "mask.json").read_text())["kept_heads"]
-    logits = json.loads((run_dir / "finetune" / "gates.json").read_text())["logits"]
-    layouts = layouts_to_check(logits, kept, step)
-    layouts |= {f"also {text}": parse_layout(text, len(logits), len(logits[0])) for text in also}
+    mask = json.loads((run_dir / "harden" / "mask.json").read_text())
+    gates = json.loads((run_dir / "finetune" / "gates.json").read_text())
+    logits = gates["logits"]
+    if cfg.budget.ffn:
+        if also:
+            raise ValueError("--also: layouts of heads alone cannot be compared with a run that planned "
+                             "feed-forward blocks too")
+        items = units_to_check(logits, mask["kept_heads"], gates["ffn"]["logits"], mask["ffn"]["mask"], step)
+    else:
+        layouts = layouts_to_check(logits, mask["kept_heads"], step)
+        layouts |= {f"also {text}": parse_layout(text, len(logits), len(logits[0])) for text in also}
+        items = {name: {"layout": layout} for name, layout in layouts.items()}
     task = task_spec(cfg)
     model = load_classifier(cfg.model, task.num_labels, task.label_names)
     b, budget = cfg.bench, cfg.budget
     graph = _graph(cfg)
-    timed = measure_cost_table(model, [{"name": name, "layout": layout} for name, layout in layouts.items()],
+    timed = measure_cost_table(model, [{"name": name, **item} for name, item in items.items()],
                                engine=budget.engine, batch=budget.batch, seq=budget.seq, threads=b.threads,
                                warmup=b.warmup, runs=b.runs, rounds=b.rounds, min_seconds=b.min_seconds,
                                aggregate=b.aggregate, opset=cfg.export.opset,
-                               graph="plain" if graph == "torch" else graph)
+                               graph="plain" if graph == "torch" else graph, block_size=cfg.prune.ffn.block_size)
     measured = {point["name"]: point for point in timed["points"]}
     machine = timed["machine"]
     field = budget.target_fields[0]
     target = planner.resolve_target(field, getattr(budget, field), percentile=budget.percentile,
                                     batch=budget.batch, unpruned_ms=measured["unpruned"])
+    # A fraction of the unpruned p50 is judged as the bench stage judges it: on pairs timed in the same round.
+    by_pairs = target.field == "latency_fraction" and target.statistic == "p50_ms"
     rows = {}
-    for name, layout in layouts.items():
+    for name, item in items.items():
+        layout, blocks = item["layout"], item.get("blocks")
         value = measured[name][target.statistic]
-        rows[name] = {"keep": sum(layout), "layout": layout, "value_ms": value,
-                      "fraction_of_unpruned": value / measured["unpruned"][target.statistic],
-                      "meets": value <= target.latency_ms, "rounds_p50_ms": measured[name]["rounds_p50_ms"],
+        fraction = value / measured["unpruned"][target.statistic]
+        paired = planner.paired_fraction(measured[name]["rounds_p50_ms"], measured["unpruned"]["rounds_p50_ms"])
+        meets = paired <= target.value * (1 + 1e-9) if by_pairs else value <= target.latency_ms
+        rows[name] = {"keep": sum(layout), "layout": layout, **({"blocks": blocks} if blocks is not None else {}),
+                      "value_ms": value, "fraction_of_unpruned": fraction, "paired_fraction": paired,
+                      "meets": meets, "rounds_p50_ms": measured[name]["rounds_p50_ms"],
                       "confirmed_rounds": measured[name]["confirmed_rounds"]}
-        log(f"{name:13s} K={sum(layout):2d} {layout}: {target.statistic} {value:.3f} ms = "
-            f"{rows[name]['fraction_of_unpruned']:.3f} x unpruned; {'meets' if rows[name]['meets'] else 'misses'} "
-            f"{target.describe()}")
-    larger = rows["planned+step"]["keep"] > rows["planned"]["keep"]  # none when K keeps every head
+        shown = f"K={sum(layout):2d} {layout}" + (f" blocks={sum(blocks):3d} {blocks}" if blocks is not None else "")
+        log(f"{name:13s} {shown}: {target.statistic} {value:.3f} ms = {fraction:.3f} x unpruned "
+            f"(paired over rounds {paired:.3f}); {'meets' if meets else 'misses'} {target.describe()}")
+    # None larger when K keeps every head (and every block).
+    larger = items["planned+step"] != items["planned"]
     within = rows["planned"]["meets"] and not (larger and rows["planned+step"]["meets"])
     verdict = ("K is within one step of the largest K that meets the budget" if within else
                "K misses the budget" if not rows["planned"]["meets"] else

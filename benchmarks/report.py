@@ -530,8 +530,12 @@ def _budget_markdown(report: dict) -> list[str]:
     elif target["field"] == "latency_fraction":
         asked = (f"{statistic} <= {target['value']:g} x the unpruned model ({target['latency_ms']:.3f} ms when the "
                  "cost table was measured)")
-        got = (f"{statistic} {measured['value_ms']:.3f} ms = {measured['value_ms'] / measured['baseline_ms']:.3f} x "
-               f"the unpruned {measured['baseline_ms']:.3f} ms timed beside it")
+        if measured.get("paired_fraction") is not None:
+            got = (f"{measured['paired_fraction']:.3f} x the unpruned model (median over rounds of the two timed in the "
+                   f"same round; fastest rounds {measured['value_ms']:.3f} and {measured['baseline_ms']:.3f} ms)")
+        else:
+            got = (f"{statistic} {measured['value_ms']:.3f} ms = {measured['value_ms'] / measured['baseline_ms']:.3f} x "
+                   f"the unpruned {measured['baseline_ms']:.3f} ms timed beside it")
     else:
         asked = f"{statistic} <= {target['value']:g} ms"
         got = f"{statistic} {measured['value_ms']:.3f} ms"
@@ -543,6 +547,12 @@ def _budget_markdown(report: dict) -> list[str]:
                    f"({units['head_ms']:.4f} ms per head, {units['block_ms']:.4f} ms per block of {units['block_size']} "
                    f"neurons, {units['fixed_ms']:.3f} ms fixed), predicted {statistic} {budget['predicted_ms']:.3f} ms "
                    "at most; joint DSP chose the mix.")
+        calibration = units.get("calibration") or {}
+        if "correction" in calibration:
+            ratios = ", ".join(f"{p['keep']} heads + {p['blocks']} blocks {p['ratio']:.3f}" for p in calibration["points"])
+            planned += (f" The fit's first budget ({calibration['first_budget_ms']:.3f} ms) was spent three ways and "
+                        f"timed; measured over fitted: {ratios}; the plan took the fit x "
+                        f"{calibration['correction']:.3f}.")
         kept = f"{measured['keep']} heads, {measured['blocks']} blocks"
     else:
         planned = (f"- Planned **{budget['planned_keep']} heads**, predicted {statistic} {budget['predicted_ms']:.3f} ms "

@@ -346,6 +346,34 @@ def resolve_target(field_name: str, value: float, *, percentile: str, batch: int
     return Target(field_name, value, statistic, value, batch)
 
 
+def paired_fraction(values_ms: Sequence[float], baseline_ms: Sequence[float]) -> float | None:
+    """The median over rounds of ``value / baseline``, each pair timed in the same round; None without pairs.
+
+    Every timing round runs every layout once, back to back, so a drift of the machine between rounds
+    (the same files measured 2.5% apart 45 minutes later here, even at one thread) scales both
+    members of a pair and cancels in their ratio. The ratio of two independent best rounds does not
+    cancel it: it can pair a quiet round of one with a slow round of the other.
+    """
+    if not values_ms or len(values_ms) != len(baseline_ms):
+        return None
+    return float(np.median([v / b for v, b in zip(values_ms, baseline_ms)]))
+
+
+def paired_points(points: Sequence[dict], unpruned: dict) -> list[dict] | None:
+    """Cost points for a ``latency_fraction`` budget on p50: each point's p50 replaced by its paired
+    fraction of the unpruned layout (:func:`paired_fraction`) times the unpruned p50, the anchor of the
+    target, so the fit and the plan work in fractions of the unpruned model timed beside each layout.
+    The point's own p50 stays as ``best_p50_ms``. None when the rounds cannot be paired."""
+    out = []
+    for point in points:
+        fraction = paired_fraction(point.get("rounds_p50_ms", []), unpruned.get("rounds_p50_ms", []))
+        if fraction is None:
+            return None
+        out.append({**point, "best_p50_ms": point["p50_ms"], "paired_fraction": fraction,
+                    "p50_ms": fraction * unpruned["p50_ms"]})
+    return out
+
+
 def allowed_keeps(num_layers: int, heads_per_layer: int, per_layer: bool = False) -> list[int]:
     """Head budgets the methods accept, largest first: 1..N, or multiples of the layer count with per_layer."""
     total = num_layers * heads_per_layer
@@ -428,6 +456,8 @@ class UnitPlan:
         heads_total, blocks_total: how many of each the model has.
         free: the kinds whose fitted cost was not positive (a table that does not show what removing
             one saves): they are planned at no cost, so the mask keeps them all.
+        correction: measured over fitted latency of the mixes timed at a first plan's budget
+            (:func:`boundary_mixes`); the budget is planned for ``correction x`` the fit. 1.0 uncorrected.
     """
 
     head_ms: float
@@ -440,6 +470,7 @@ class UnitPlan:
     heads_total: int
     blocks_total: int
     free: tuple[str, ...] = ()
+    correction: float = 1.0
 
     @property
     def reachable(self) -> bool:
@@ -461,10 +492,12 @@ def _units_within(budget_ms: float, unit_ms: float, total: int) -> int:
 
 
 def plan_units(fit: CostFit, target: Target, *, num_layers: int, heads_per_layer: int, blocks_per_layer: int,
-               margin: float) -> UnitPlan:
+               margin: float, correction: float = 1.0) -> UnitPlan:
     """The largest cost budget of heads and feed-forward blocks whose prediction times ``1 + margin`` meets the target.
 
-    A kind whose fitted cost is not positive is planned at no cost (:attr:`UnitPlan.free`).
+    A kind whose fitted cost is not positive is planned at no cost (:attr:`UnitPlan.free`). With a
+    ``correction`` (measured over fitted latency near the budget, :func:`boundary_mixes`), the
+    prediction ``correction x (fixed + kept units)`` times ``1 + margin`` must meet the target.
 
     Raises:
         ValueError: the fit has no ``ffn_blocks`` term.
@@ -479,12 +512,47 @@ def plan_units(fit: CostFit, target: Target, *, num_layers: int, heads_per_layer
     fixed_ms = coefficients["intercept"] + max(0.0, coefficients.get("empty_layers", 0.0)) * num_layers
     heads_total, blocks_total = num_layers * heads_per_layer, num_layers * blocks_per_layer
     everything = heads_total * head_ms + blocks_total * block_ms
-    allowed = target.latency_ms * (1 + _EQUAL) / (1.0 + margin) - fixed_ms
+    allowed = target.latency_ms * (1 + _EQUAL) / (1.0 + margin) / correction - fixed_ms
     budget_ms = min(allowed, everything) if allowed >= min(head_ms, block_ms) else None
     return UnitPlan(head_ms=head_ms, block_ms=block_ms, fixed_ms=fixed_ms, budget_ms=budget_ms,
-                    predicted_ms=None if budget_ms is None else fixed_ms + budget_ms,
-                    all_ms=fixed_ms + everything, smallest_ms=fixed_ms + min(head_ms, block_ms),
-                    heads_total=heads_total, blocks_total=blocks_total, free=free)
+                    predicted_ms=None if budget_ms is None else correction * (fixed_ms + budget_ms),
+                    all_ms=fixed_ms + everything, smallest_ms=correction * (fixed_ms + min(head_ms, block_ms)),
+                    heads_total=heads_total, blocks_total=blocks_total, free=free, correction=correction)
+
+
+# Shares of a unit budget spent on heads in the mixes a plan times before it trusts its fit.
+BOUNDARY_HEAD_SHARES = (0.75, 0.5, 0.25)
+
+
+def boundary_mixes(plan: UnitPlan, num_layers: int, heads_per_layer: int, blocks_per_layer: int,
+                   shares: Sequence[float] = BOUNDARY_HEAD_SHARES) -> list[dict]:
+    """Layouts that spend the plan's budget with different mixes: ``share`` of it on heads, the rest on blocks.
+
+    A latency fit over heads and blocks was least accurate where both are cut (on MiniLM, int8 at
+    batch 1, it missed by up to 9% there against 2% with either kind alone): these are what a
+    trained mask may look like, and timing them tells the plan how far to trust the fit there.
+    Heads and blocks are spread over the layers, emptying none (the slowest spread). Duplicates are dropped.
+
+    Returns:
+        Items as from :func:`ffn_cost_layouts`, named ``near-k{heads}-b{blocks}``.
+    """
+    out, seen = [], set()
+    for share in shares:
+        heads = _units_within(share * plan.budget_ms, plan.head_ms, plan.heads_total)
+        blocks = _units_within(plan.budget_ms - heads * plan.head_ms, plan.block_ms, plan.blocks_total)
+        if (heads, blocks) in seen:
+            continue
+        seen.add((heads, blocks))
+        layout = spread_layout(heads, num_layers, heads_per_layer)
+        out.append({"name": f"near-k{heads}-b{blocks}", "layout": list(layout), "keep": heads,
+                    "empty_layers": int(features(layout)["empty_layers"]),
+                    "blocks": list(spread_layout(blocks, num_layers, blocks_per_layer)), "ffn_blocks": blocks})
+    return out
+
+
+def boundary_correction(fit: CostFit, points: Sequence[dict], value_key: str) -> float:
+    """The largest measured over fitted latency among the mixes at the budget: the factor the plan applies."""
+    return max(float(p[value_key]) / fit.predict(point_features(p)) for p in points)
 
 
 def unreachable_units_message(target: Target, plan: UnitPlan, margin: float, *, fastest_measured_ms: float | None,

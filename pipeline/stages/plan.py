@@ -98,18 +98,18 @@ def make_plan(cfg: RunConfig, costs: dict, num_layers: int, heads_per_layer: int
               blocks_per_layer: int | None = None) -> dict:
     """plan.json from a cost table: target, fits, the planned K (or cost budget), the curve and the study's range."""
     budget = cfg.budget
-    points = costs["points"]
     total = num_layers * heads_per_layer
     field_name = budget.target_fields[0]
-    unpruned = _unpruned_point(points, total)
+    unpruned = _unpruned_point(costs["points"], total)
     target = planner.resolve_target(field_name, getattr(budget, field_name), percentile=budget.percentile,
                                       batch=budget.batch, unpruned_ms=unpruned)
+    points = fitted_points(costs["points"], target, unpruned)
     if blocks_per_layer is not None:
-        return _make_unit_plan(cfg, costs, target, num_layers, heads_per_layer, blocks_per_layer, unpruned)
+        return _make_unit_plan(cfg, costs, points, target, num_layers, heads_per_layer, blocks_per_layer, unpruned)
     fit, fits, reason = planner.fit_cost_model(points, target.statistic)
     plan = planner.plan_heads(fit, target, num_layers=num_layers, heads_per_layer=heads_per_layer,
                                 margin=budget.margin, per_layer=cfg.prune.per_layer)
-    fastest = min((p[target.statistic] for p in points if p["keep"] == 0), default=None)
+    fastest = min((p[target.statistic] for p in costs["points"] if p["keep"] == 0), default=None)
     message = None
     if not plan.reachable:
         message = planner.unreachable_message(target, plan, budget.margin, fastest_measured_ms=fastest,
@@ -128,6 +128,8 @@ def make_plan(cfg: RunConfig, costs: dict, num_layers: int, heads_per_layer: int
         "model": {"num_layers": num_layers, "heads_per_layer": heads_per_layer, "heads_total": total,
                   "per_layer": cfg.prune.per_layer},
         "statistic": target.statistic,
+        "paired": "paired_fraction" in points[0],
+        "points": points,
         "fit": fit.to_dict(),
         "fit_choice": reason,
         "fits": [f.to_dict() for f in fits],
@@ -147,14 +149,46 @@ def make_plan(cfg: RunConfig, costs: dict, num_layers: int, heads_per_layer: int
     }
 
 
-def _make_unit_plan(cfg: RunConfig, costs: dict, target, num_layers: int, heads_per_layer: int,
+def _layout_pairs(items: list[dict]) -> list[list[list[int]]]:
+    return [[list(item["layout"]), list(item["blocks"])] for item in items]
+
+
+def fitted_points(points: list[dict], target, unpruned: dict | None) -> list[dict]:
+    """The cost points the fit sees: as measured, or for a ``latency_fraction`` budget on p50 each
+    layout's paired fraction of the unpruned model times the unpruned p50 (:func:`pipeline.budget.paired_points`)."""
+    if target.field == "latency_fraction" and target.statistic == "p50_ms" and unpruned is not None:
+        return planner.paired_points(points, unpruned) or points
+    return points
+
+
+def _make_unit_plan(cfg: RunConfig, costs: dict, points: list[dict], target, num_layers: int, heads_per_layer: int,
                     blocks_per_layer: int, unpruned: dict | None) -> dict:
     """plan.json when heads and feed-forward blocks share the budget (``budget.ffn``)."""
-    budget, points = cfg.budget, costs["points"]
+    budget = cfg.budget
     fit, fits, reason = planner.fit_cost_model(points, target.statistic, planner.FFN_FEATURE_SETS)
-    plan = planner.plan_units(fit, target, num_layers=num_layers, heads_per_layer=heads_per_layer,
-                              blocks_per_layer=blocks_per_layer, margin=budget.margin)
-    fastest = min(p[target.statistic] for p in points)
+    shape = {"num_layers": num_layers, "heads_per_layer": heads_per_layer, "blocks_per_layer": blocks_per_layer}
+    plan = planner.plan_units(fit, target, margin=budget.margin, **shape)
+    calibration = None
+    if plan.reachable:
+        # Time mixes that spend this budget, then plan again with the fit corrected by what they measured.
+        mixes = planner.boundary_mixes(plan, num_layers, heads_per_layer, blocks_per_layer)
+        timed = costs.get("boundary")
+        calibration = {"pending": mixes, "first_budget_ms": plan.budget_ms}
+        if timed and timed["layouts"] == _layout_pairs(mixes):
+            near = [p for p in timed["points"] if p["name"] != "unpruned"]
+            anchor = next(p for p in timed["points"] if p["name"] == "unpruned")
+            if target.field == "latency_fraction" and target.statistic == "p50_ms" and unpruned is not None:
+                # Fractions of the unpruned model timed in the same rounds, on the cost table's anchor.
+                near = planner.paired_points(near, {**anchor, "p50_ms": unpruned["p50_ms"]}) or near
+            correction = planner.boundary_correction(fit, near, target.statistic)
+            plan = planner.plan_units(fit, target, margin=budget.margin, correction=correction, **shape)
+            calibration = {
+                "first_budget_ms": calibration["first_budget_ms"], "correction": correction, "measured": timed["measured"],
+                "points": [{"name": p["name"], "keep": p["keep"], "blocks": p["ffn_blocks"], "value_ms": p[target.statistic],
+                            "fitted_ms": fit.predict(planner.point_features(p)),
+                            "ratio": p[target.statistic] / fit.predict(planner.point_features(p))} for p in near],
+            }
+    fastest = min(p[target.statistic] for p in costs["points"])
     message = None
     if not plan.reachable:
         message = planner.unreachable_units_message(target, plan, budget.margin, fastest_measured_ms=fastest,
@@ -166,7 +200,8 @@ def _make_unit_plan(cfg: RunConfig, costs: dict, target, num_layers: int, heads_
                  f"{fitted[kind]:+.4f} ms each): they are planned at no cost, so every one is kept"
                  for kind in plan.free]
     units = {"head_ms": plan.head_ms, "block_ms": plan.block_ms, "fixed_ms": plan.fixed_ms,
-             "budget_ms": plan.budget_ms, "all_ms": plan.all_ms, "block_size": cfg.prune.ffn.block_size}
+             "budget_ms": plan.budget_ms, "all_ms": plan.all_ms, "block_size": cfg.prune.ffn.block_size,
+             "correction": plan.correction, "calibration": calibration}
     if plan.reachable:
         units |= {"heads_with_all_blocks": plan.heads_with_all_blocks(),
                   "blocks_with_all_heads": plan.blocks_with_all_heads()}
@@ -178,6 +213,8 @@ def _make_unit_plan(cfg: RunConfig, costs: dict, target, num_layers: int, heads_
                   "heads_total": num_layers * heads_per_layer, "per_layer": False,
                   "blocks_per_layer": blocks_per_layer, "blocks_total": num_layers * blocks_per_layer},
         "statistic": target.statistic,
+        "paired": "paired_fraction" in points[0],
+        "points": points,
         "fit": fit.to_dict(),
         "fit_choice": reason,
         "fits": [f.to_dict() for f in fits],
@@ -264,12 +301,35 @@ def run(cfg: RunConfig, run_dir, out):
                                       graph="plain" if key["graph"] == "torch" else key["graph"],
                                       block_size=cfg.prune.ffn.block_size)
         costs = {"key": key, "measured": started.isoformat(timespec="seconds"), **measured}
-    write_json_atomic(out / COSTS, costs)
     plan = make_plan(cfg, costs, num_layers, heads_per_layer, blocks_per_layer)
+    pending = (plan.get("units", {}).get("calibration") or {}).get("pending")
+    if pending:
+        costs = {**costs, "boundary": _time_boundary(cfg, costs, pending, task)}
+        plan = make_plan(cfg, costs, num_layers, heads_per_layer, blocks_per_layer)
+    write_json_atomic(out / COSTS, costs)
     write_json_atomic(out / PLAN, plan)
     return {"cost_table": "reused" if reused else "measured", "keep": plan["keep"],
             "cost_budget_ms": plan.get("units", {}).get("budget_ms"), "reachable": plan["reachable"],
             "predicted_ms": plan["predicted_ms"], "fit_max_rel_error": plan["fit"]["max_rel_error"]}
+
+
+def _time_boundary(cfg: RunConfig, costs: dict, mixes: list[dict], task) -> dict:
+    """Time the unpruned layout and ``mixes`` (the plan's budget spent different ways) in one interleaved session."""
+    from benchmarks.cost_table import measure_cost_table
+    from pipeline.models import load_classifier
+
+    started = datetime.now(timezone.utc)
+    model = load_classifier(cfg.model, task.num_labels, task.label_names)
+    unpruned = max(costs["points"], key=lambda p: (p["keep"], p.get("ffn_blocks", 0)))
+    items = [{**{k: unpruned[k] for k in ("layout", "blocks", "keep", "empty_layers", "ffn_blocks")},
+              "name": "unpruned"}, *mixes]
+    b, key = cfg.bench, costs["key"]
+    measured = measure_cost_table(model, items, engine=cfg.budget.engine, batch=cfg.budget.batch, seq=cfg.budget.seq,
+                                  threads=b.threads, warmup=b.warmup, runs=b.runs, min_seconds=b.min_seconds,
+                                  rounds=b.rounds, aggregate=b.aggregate, opset=cfg.export.opset,
+                                  graph="plain" if key["graph"] == "torch" else key["graph"],
+                                  block_size=cfg.prune.ffn.block_size)
+    return {"layouts": _layout_pairs(mixes), "measured": started.isoformat(timespec="seconds"), **measured}
 
 
 def read_plan(run_dir) -> dict:
@@ -312,10 +372,15 @@ def describe(plan: dict, costs: dict, *, curve_step: int | None = None) -> list[
         f"Cost table: {len(costs['points'])} layouts measured {costs['measured']}, load average "
         f"{' / '.join(f'{x:.2f}' for x in load)} on {costs['machine']['cores']} cores",
     ]
-    for p in costs["points"]:
+    points = plan.get("points", costs["points"])
+    if plan.get("paired"):
+        lines.append(f"  {name} as fitted: the median over rounds of each layout's {name} over the unpruned one's in "
+                     f"the same round, times the unpruned {name} (its fastest round beside it)")
+    for p in points:
         blocks = f", {p['ffn_blocks']:>3} blocks" if "ffn_blocks" in p else ""
-        lines.append(f"  {p['keep']:>4} heads{blocks}, {p['empty_layers']} empty layer(s): {name} {p[statistic]:.3f} ms "
-                     f"(spread {p['spread']:.2f}, load {p['load_avg'][0]:.2f})")
+        paired = f" = {p['paired_fraction']:.3f} x unpruned; fastest round {p['best_p50_ms']:.3f} ms" if "paired_fraction" in p else ""
+        lines.append(f"  {p['keep']:>4} heads{blocks}, {p['empty_layers']} empty layer(s): {name} {p[statistic]:.3f} ms"
+                     f"{paired} (spread {p['spread']:.2f}, load {p['load_avg'][0]:.2f})")
     chosen = planner.CostFit.from_dict(fit)
     loo = fit["loo_rms_rel_error"]
     lines.append(f"Fit: {name} = {chosen.formula()}; max error {fit['max_rel_error']:.1%}, "
@@ -333,7 +398,7 @@ def describe(plan: dict, costs: dict, *, curve_step: int | None = None) -> list[
     step = curve_step or max(1, total // 12)
     shown = [p for p in plan["curve"] if p["keep"] % step == 0 or p["keep"] == plan["keep"]]
     measured = {}
-    for p in costs["points"]:
+    for p in points:
         if p["keep"] not in measured or p["empty_layers"] < measured[p["keep"]][0]:
             measured[p["keep"]] = (p["empty_layers"], p[statistic])
     lines.append(f"Predicted {name} by heads kept (worst case over the layers a mask may empty; best case beside):")
@@ -359,11 +424,19 @@ def _describe_units(plan: dict) -> list[str]:
     name = plan["statistic"].removesuffix("_ms")
     if not plan["reachable"]:
         return [f"Refused: {plan['message']}"]
-    return [
+    lines = []
+    calibration = units.get("calibration") or {}
+    if "correction" in calibration:
+        lines.append(f"Calibration: mixes spending the fit's budget of {calibration['first_budget_ms']:.3f} ms, timed "
+                     f"{calibration['measured']} beside the unpruned model, measured against fitted {name}:")
+        lines += [f"  {p['keep']:>4} heads, {p['blocks']:>3} blocks: {p['value_ms']:.3f} ms against {p['fitted_ms']:.3f} ms "
+                  f"({p['ratio']:.3f})" for p in calibration["points"]]
+        lines.append(f"  the plan takes the fit x {calibration['correction']:.3f}, the largest ratio")
+    return lines + [
         f"Planned: heads and feed-forward blocks ({units['block_size']} neurons) may cost {units['budget_ms']:.3f} ms "
         f"of the {units['all_ms'] - units['fixed_ms']:.3f} ms all {model['heads_total']} heads and "
         f"{model['blocks_total']} blocks cost ({units['head_ms']:.4f} ms per head, {units['block_ms']:.4f} ms per "
-        f"block, {units['fixed_ms']:.3f} ms fixed): predicted {name} {plan['predicted_ms']:.3f} ms "
+        f"block, {units['fixed_ms']:.3f} ms fixed, x {units['correction']:.3f}): predicted {name} {plan['predicted_ms']:.3f} ms "
         f"({plan['predicted_with_margin_ms']:.3f} ms with the margin) against {target['latency_ms']:.3f} ms",
         f"  for example every block and {units['heads_with_all_blocks']} heads, or every head and "
         f"{units['blocks_with_all_heads']} blocks; joint DSP decides the mix",

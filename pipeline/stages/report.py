@@ -121,10 +121,11 @@ def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, 
     The check reads the bench row of the budget's engine, batch and sequence length. A
     ``latency_fraction`` budget is checked as the pruned over the unpruned latency measured in the
     same interleaved bench session, so a machine busier than when the cost table was measured
-    does not move the bound. With feed-forward blocks planned (``budget.ffn``), every point and the
+    does not move the bound; on p50, as the median over rounds of the two timed in the same round,
+    so a drift between rounds does not either (as the plan fitted it). With feed-forward blocks planned (``budget.ffn``), every point and the
     measured mask also carry their blocks per layer, and the plan its unit costs (``units``).
     """
-    from pipeline.budget import CostFit, features, point_features
+    from pipeline.budget import CostFit, features, paired_fraction, point_features
     from pipeline.stages.plan import read_costs, read_plan
 
     plan, costs = read_plan(run_dir), read_costs(run_dir)
@@ -144,6 +145,9 @@ def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, 
     blocks = [int(sum(row)) for row in ffn_mask["mask"]] if units and ffn_mask else None
     shape = features(layout, blocks)
     value_ms, baseline_ms = pruned_row[statistic], baseline_row[statistic]
+    # A fraction of the unpruned p50 is judged on pairs timed in the same round (pipeline.budget.paired_fraction).
+    paired = (paired_fraction(pruned_row.get("rounds_p50_ms", []), baseline_row.get("rounds_p50_ms", []))
+              if statistic == "p50_ms" else None)
     name = statistic.removesuffix("_ms")
     where = f"batch {b.batch}, seq {b.seq}"
     if target["field"] == "throughput_per_s":
@@ -151,9 +155,14 @@ def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, 
                 "value": pruned_row["throughput_per_s"], "bound": target["value"],
                 "passed": pruned_row["throughput_per_s"] >= target["value"]}
     elif target["field"] == "latency_fraction":
-        ratio = value_ms / baseline_ms
-        gate = {"name": f"budget.latency_fraction (pruned/{b.engine} {name} {value_ms:.3f} ms over baseline "
-                        f"{baseline_ms:.3f} ms, {where})",
+        if paired is not None:
+            ratio = paired
+            how = (f"median of {len(pruned_row['rounds_p50_ms'])} rounds' pruned/{b.engine} {name} over baseline "
+                   f"{name} timed in the same round")
+        else:
+            ratio = value_ms / baseline_ms
+            how = f"pruned/{b.engine} {name} {value_ms:.3f} ms over baseline {baseline_ms:.3f} ms"
+        gate = {"name": f"budget.latency_fraction ({how}, {where})",
                 "value": ratio, "bound": target["value"], "passed": ratio <= target["value"]}
     else:
         gate = {"name": f"budget.latency_ms (pruned/{b.engine} {name} ms, {where})",
@@ -170,7 +179,7 @@ def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, 
             "points": [with_blocks({"keep": p["keep"], "empty_layers": p["empty_layers"], "kept_per_layer": p["layout"],
                                     "value_ms": p[statistic], "fitted_ms": fit.predict(point_features(p)),
                                     "spread": p["spread"], "load_avg": p["load_avg"]}, p.get("blocks"))
-                       for p in costs["points"]],
+                       for p in plan.get("points", costs["points"])],
             "fit": plan["fit"],
             "fit_choice": plan["fit_choice"],
             "fits": plan["fits"],
@@ -184,9 +193,10 @@ def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, 
         "warnings": plan.get("warnings", []),
         "measured": with_blocks({
             "keep": int(shape["heads"]), "empty_layers": int(shape["empty_layers"]), "kept_per_layer": layout,
-            "value_ms": value_ms, "predicted_ms": fit.predict(shape), "baseline_ms": baseline_ms,
+            "value_ms": value_ms, "predicted_ms": fit.predict(shape) * (units or {}).get("correction", 1.0),
+            "baseline_ms": baseline_ms,
             "throughput_per_s": pruned_row["throughput_per_s"], "spread": pruned_row["spread"],
-            "load_avg": pruned_row["load_avg"],
+            "load_avg": pruned_row["load_avg"], "paired_fraction": paired,
         }, blocks),
         "gate": gate,
     }
