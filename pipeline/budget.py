@@ -346,6 +346,10 @@ def resolve_target(field_name: str, value: float, *, percentile: str, batch: int
     return Target(field_name, value, statistic, value, batch)
 
 
+# A round is paired only when both of its timings came within this of their fastest round.
+PAIR_TOLERANCE = 0.2
+
+
 def paired_fraction(values_ms: Sequence[float], baseline_ms: Sequence[float]) -> float | None:
     """The median over rounds of ``value / baseline``, each pair timed in the same round; None without pairs.
 
@@ -353,10 +357,18 @@ def paired_fraction(values_ms: Sequence[float], baseline_ms: Sequence[float]) ->
     (the same files measured 2.5% apart 45 minutes later here, even at one thread) scales both
     members of a pair and cancels in their ratio. The ratio of two independent best rounds does not
     cancel it: it can pair a quiet round of one with a slow round of the other.
+
+    Rounds where either timing ran more than :data:`PAIR_TOLERANCE` over its fastest are left out:
+    the 2-core VM here has a slow mode (whole processes 1.5-1.7x slower at two threads) that is not
+    a scaling. It added about the same milliseconds to a large and a small model (a pruned model's
+    ratio rose from 0.52 to 0.63 in such rounds), so it does not cancel in a ratio.
     """
     if not values_ms or len(values_ms) != len(baseline_ms):
         return None
-    return float(np.median([v / b for v, b in zip(values_ms, baseline_ms)]))
+    fast_value, fast_baseline = min(values_ms), min(baseline_ms)
+    pairs = [v / b for v, b in zip(values_ms, baseline_ms)
+             if v <= fast_value * (1 + PAIR_TOLERANCE) and b <= fast_baseline * (1 + PAIR_TOLERANCE)]
+    return float(np.median(pairs)) if pairs else None
 
 
 def paired_points(points: Sequence[dict], unpruned: dict) -> list[dict] | None:

@@ -157,8 +157,7 @@ def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, 
     elif target["field"] == "latency_fraction":
         if paired is not None:
             ratio = paired
-            how = (f"median of {len(pruned_row['rounds_p50_ms'])} rounds' pruned/{b.engine} {name} over baseline "
-                   f"{name} timed in the same round")
+            how = f"median over rounds of pruned/{b.engine} {name} over baseline {name} timed in the same round"
         else:
             ratio = value_ms / baseline_ms
             how = f"pruned/{b.engine} {name} {value_ms:.3f} ms over baseline {baseline_ms:.3f} ms"
