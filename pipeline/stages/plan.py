@@ -374,8 +374,8 @@ def describe(plan: dict, costs: dict, *, curve_step: int | None = None) -> list[
     ]
     points = plan.get("points", costs["points"])
     if plan.get("paired"):
-        lines.append(f"  {name} as fitted: the median over rounds of each layout's {name} over the unpruned one's in "
-                     f"the same round, times the unpruned {name} (its fastest round beside it)")
+        lines.append(f"  {name} as fitted: each layout's fraction of the unpruned model (the median over rounds of "
+                     f"the two timed in the same round) times the unpruned model's {name}")
     for p in points:
         blocks = f", {p['ffn_blocks']:>3} blocks" if "ffn_blocks" in p else ""
         paired = f" = {p['paired_fraction']:.3f} x unpruned; fastest round {p['best_p50_ms']:.3f} ms" if "paired_fraction" in p else ""
