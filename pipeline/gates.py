@@ -132,8 +132,8 @@ class _SoftTopK(torch.autograd.Function):
     ``a_j = a_{j+1} + p_j * (dL/dp_j - <p_j, dL/dp_j>) / T``; ``dL/dlogits = a_0``.
 
     When every step is exactly one-hot (:func:`_saturated_top_k`) the loop is skipped: same output,
-    zero gradient. Otherwise each step is ten NumPy calls on preallocated arrays: on a GPU the step's
-    host time is the training step's critical path.
+    zero gradient. Otherwise each step is ten NumPy calls forward and five backward, on preallocated
+    arrays: on a GPU the step's host time is the training step's critical path.
     """
 
     @staticmethod
@@ -166,14 +166,21 @@ class _SoftTopK(torch.autograd.Function):
         if ctx.saturated:
             return torch.zeros_like(grad), None, None, None
         probs = ctx.saved_tensors[0].numpy()
-        clamped = 1.0 - probs < _EPS
+        rest = 1.0 - probs
+        with np.errstate(divide="ignore"):
+            inverse = np.where(rest < _EPS, 0.0, 1.0 / rest)  # 1 / (1 - p_j); 0 where the forward clamped it
+        scaled = probs / ctx.temperature
         g = grad.detach().to("cpu", torch.float64).numpy()
-        a = np.zeros(probs.shape[1])
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        a, dp = np.zeros(probs.shape[1]), np.empty(probs.shape[1])
+        # Everything that does not depend on a is computed for all K steps above, so each step is
+        # five in-place NumPy calls: dp = (g - a / (1 - p_j)); a += p_j / T * (dp - <p_j, dp>).
+        with np.errstate(over="ignore", invalid="ignore"):
             for j in range(probs.shape[0] - 1, -1, -1):
-                p = probs[j]
-                dp = g - np.where(clamped[j], 0.0, a / np.where(clamped[j], 1.0, 1.0 - p))
-                a = a + p * (dp - np.dot(p, dp)) / ctx.temperature
+                np.multiply(a, inverse[j], out=dp)
+                np.subtract(g, dp, out=dp)
+                dp -= np.dot(probs[j], dp)
+                dp *= scaled[j]
+                a += dp
         a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
         return torch.from_numpy(a).to(grad.device, grad.dtype), None, None, None
 
