@@ -117,7 +117,7 @@ class TimingSpec:
     rounds: int = 3
     methods: tuple[str, ...] = ("dsp", "ste", "hardconcrete")
     placements: tuple[str, ...] = ("auto",)  # where gates live (pipeline.gates.GATES_ON): auto, model, cpu
-    profile: bool = False  # also record the top operators of plain and dsp steps, per placement (torch.profiler)
+    profile: bool = False  # also record the top operators of plain and every method's steps, per placement (torch.profiler)
 
 
 @dataclass(frozen=True)
@@ -675,8 +675,7 @@ def measure_step_time(ctx: Context) -> dict:
     medians = {name: statistics.median(values) * 1e3 for name, values in per_round.items()}
     profiles = {}
     if spec.profile:
-        for name, method, placement in (("plain", None, None),
-                                        *((label["dsp", p], "dsp", p) for p in spec.placements if ("dsp", p) in label)):
+        for name, method, placement in (("plain", None, None), *((label[c], *c) for c in configs)):
             gates = install(method, placement) if method else None
             profiles[name] = _profile_steps(lambda: time_steps(gates), ctx.device)
             if gates is not None:
