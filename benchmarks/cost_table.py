@@ -96,7 +96,8 @@ def measure_cost_table(model, layouts: list[dict], *, engine: str, batch: int, s
                           "warmup": warmup, "runs": runs, "min_seconds": min_seconds})
             if log:
                 blocks = f", {sum(item['blocks'])} blocks" if item.get("blocks") is not None else ""
-                log(f"  built {item['name']}: {sum(item['layout'])} heads{blocks}, {item['empty_layers']} empty layer(s)")
+                log(f"  built {item['name']}: {sum(item['layout'])} heads{blocks}, "
+                    f"{item['empty_layers']} empty layer(s)")
         machine = machine_info()
         results = interleaved(specs, threads=threads, rounds=rounds, aggregate=aggregate)
     points = []

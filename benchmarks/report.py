@@ -531,11 +531,13 @@ def _budget_markdown(report: dict) -> list[str]:
         asked = (f"{statistic} <= {target['value']:g} x the unpruned model ({target['latency_ms']:.3f} ms when the "
                  "cost table was measured)")
         if measured.get("paired_fraction") is not None:
-            got = (f"{measured['paired_fraction']:.3f} x the unpruned model (median over rounds of the two timed in the "
-                   f"same round; fastest rounds {measured['value_ms']:.3f} and {measured['baseline_ms']:.3f} ms)")
+            got = (f"{measured['paired_fraction']:.3f} x the unpruned model (median over rounds of the two timed "
+                   f"in the same round; fastest rounds {measured['value_ms']:.3f} and "
+                   f"{measured['baseline_ms']:.3f} ms)")
         else:
-            got = (f"{statistic} {measured['value_ms']:.3f} ms = {measured['value_ms'] / measured['baseline_ms']:.3f} x "
-                   f"the unpruned {measured['baseline_ms']:.3f} ms timed beside it")
+            ratio = measured["value_ms"] / measured["baseline_ms"]
+            got = (f"{statistic} {measured['value_ms']:.3f} ms = {ratio:.3f} x the unpruned "
+                   f"{measured['baseline_ms']:.3f} ms timed beside it")
     else:
         asked = f"{statistic} <= {target['value']:g} ms"
         got = f"{statistic} {measured['value_ms']:.3f} ms"
@@ -544,19 +546,20 @@ def _budget_markdown(report: dict) -> list[str]:
     units = budget.get("units")
     if units:
         planned = (f"- Planned a budget of **{units['budget_ms']:.3f} ms of heads and feed-forward blocks** "
-                   f"({units['head_ms']:.4f} ms per head, {units['block_ms']:.4f} ms per block of {units['block_size']} "
-                   f"neurons, {units['fixed_ms']:.3f} ms fixed), predicted {statistic} {budget['predicted_ms']:.3f} ms "
-                   "at most; joint DSP chose the mix.")
+                   f"({units['head_ms']:.4f} ms per head, {units['block_ms']:.4f} ms per block of "
+                   f"{units['block_size']} neurons, {units['fixed_ms']:.3f} ms fixed), predicted {statistic} "
+                   f"{budget['predicted_ms']:.3f} ms at most; joint DSP chose the mix.")
         calibration = units.get("calibration") or {}
         if "correction" in calibration:
-            ratios = ", ".join(f"{p['keep']} heads + {p['blocks']} blocks {p['ratio']:.3f}" for p in calibration["points"])
+            ratios = ", ".join(f"{p['keep']} heads + {p['blocks']} blocks {p['ratio']:.3f}"
+                               for p in calibration["points"])
             planned += (f" The fit's first budget ({calibration['first_budget_ms']:.3f} ms) was spent three ways and "
                         f"timed; measured over fitted: {ratios}; the plan took the fit x "
                         f"{calibration['correction']:.3f}.")
         kept = f"{measured['keep']} heads, {measured['blocks']} blocks"
     else:
-        planned = (f"- Planned **{budget['planned_keep']} heads**, predicted {statistic} {budget['predicted_ms']:.3f} ms "
-                   "(worst case over the layers a trained mask may empty).")
+        planned = (f"- Planned **{budget['planned_keep']} heads**, predicted {statistic} "
+                   f"{budget['predicted_ms']:.3f} ms (worst case over the layers a trained mask may empty).")
         kept = f"{measured['keep']} heads"
     lines = [
         "## Latency budget", "",
@@ -803,7 +806,8 @@ def _plot_unit_budget(budget: dict, path: Path) -> Path:
                label=f"planned: predicted at most {budget['predicted_ms']:.2f} ms")
     ax.scatter([measured["predicted_ms"]], [measured["value_ms"]], marker="*", s=180, color=_PRUNED_COLOR,
                edgecolor="black", linewidth=0.6, zorder=4,
-               label=f"final model: {measured['keep']} heads, {measured['blocks']} blocks, {measured['value_ms']:.2f} ms")
+               label=f"final model: {measured['keep']} heads, {measured['blocks']} blocks, "
+                     f"{measured['value_ms']:.2f} ms")
     ax.set_xlabel(f"fitted {statistic} (ms)")
     ax.set_ylabel(f"measured {statistic} latency per call (ms)")
     ax.set_title(f"{target['engine']}, batch {target['batch']}, seq {target['seq']}, {target['threads']} threads",

@@ -117,7 +117,7 @@ class TimingSpec:
     rounds: int = 3
     methods: tuple[str, ...] = ("dsp", "ste", "hardconcrete")
     placements: tuple[str, ...] = ("auto",)  # where gates live (pipeline.gates.GATES_ON): auto, model, cpu
-    profile: bool = False  # also record the top operators of plain and every method's steps, per placement (torch.profiler)
+    profile: bool = False  # also record the top operators of plain and every method's steps (torch.profiler)
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,8 @@ def ffn_cost_layouts(grid: Iterable[int], block_grid: Iterable[int], num_layers:
     full = [blocks_per_layer] * num_layers
     heads = sorted(set(grid), reverse=True)
     blocks = sorted(set(block_grid), reverse=True)
-    out = [{**item, "blocks": full, "ffn_blocks": sum(full)} for item in cost_layouts(heads, num_layers, heads_per_layer)]
+    out = [{**item, "blocks": full, "ffn_blocks": sum(full)}
+           for item in cost_layouts(heads, num_layers, heads_per_layer)]
     total_heads, total_blocks = num_layers * heads_per_layer, num_layers * blocks_per_layer
     for count in blocks:
         if count < total_blocks:

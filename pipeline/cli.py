@@ -140,8 +140,8 @@ def _print_summary(run_dir: Path) -> None:
             budget = data["budget"]
             gate, units = budget["gate"], budget.get("units")
             planned = (f"{budget['planned_keep']} heads planned" if not units else
-                       f"{units['budget_ms']:.3f} ms of heads and blocks planned, {budget['measured']['keep']} heads and "
-                       f"{budget['measured']['blocks']} blocks kept")
+                       f"{units['budget_ms']:.3f} ms of heads and blocks planned, "
+                       f"{budget['measured']['keep']} heads and {budget['measured']['blocks']} blocks kept")
             click.echo(f"  budget: {planned}; {gate['name']}: "
                        f"{gate['value']:.4g} vs bound {gate['bound']:.4g}, {'met' if gate['passed'] else 'MISSED'}")
         click.echo(f"Report: {run_dir / 'report' / 'report.md'}")

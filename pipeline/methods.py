@@ -367,7 +367,8 @@ class FfnBudget:
 
     def info(self, blocks_kept: int) -> dict:
         """What a selection records about its feed-forward budget."""
-        out = {"block_size": self.block_size, "keep_blocks": blocks_kept, "flops_keep_fraction": self.flops_keep_fraction}
+        out = {"block_size": self.block_size, "keep_blocks": blocks_kept,
+               "flops_keep_fraction": self.flops_keep_fraction}
         if self.cost_budget is not None:
             out |= {"unit_costs": list(self.unit_costs), "cost_budget": self.cost_budget}
         return out

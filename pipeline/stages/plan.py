@@ -183,9 +183,10 @@ def _make_unit_plan(cfg: RunConfig, costs: dict, points: list[dict], target, num
             correction = planner.boundary_correction(fit, near, target.statistic)
             plan = planner.plan_units(fit, target, margin=budget.margin, correction=correction, **shape)
             calibration = {
-                "first_budget_ms": calibration["first_budget_ms"], "correction": correction, "measured": timed["measured"],
-                "points": [{"name": p["name"], "keep": p["keep"], "blocks": p["ffn_blocks"], "value_ms": p[target.statistic],
-                            "fitted_ms": fit.predict(planner.point_features(p)),
+                "first_budget_ms": calibration["first_budget_ms"], "correction": correction,
+                "measured": timed["measured"],
+                "points": [{"name": p["name"], "keep": p["keep"], "blocks": p["ffn_blocks"],
+                            "value_ms": p[target.statistic], "fitted_ms": fit.predict(planner.point_features(p)),
                             "ratio": p[target.statistic] / fit.predict(planner.point_features(p))} for p in near],
             }
     fastest = min(p[target.statistic] for p in costs["points"])
@@ -378,7 +379,8 @@ def describe(plan: dict, costs: dict, *, curve_step: int | None = None) -> list[
                      f"the two timed in the same round) times the unpruned model's {name}")
     for p in points:
         blocks = f", {p['ffn_blocks']:>3} blocks" if "ffn_blocks" in p else ""
-        paired = f" = {p['paired_fraction']:.3f} x unpruned; fastest round {p['best_p50_ms']:.3f} ms" if "paired_fraction" in p else ""
+        paired = (f" = {p['paired_fraction']:.3f} x unpruned; fastest round {p['best_p50_ms']:.3f} ms"
+                  if "paired_fraction" in p else "")
         lines.append(f"  {p['keep']:>4} heads{blocks}, {p['empty_layers']} empty layer(s): {name} {p[statistic]:.3f} ms"
                      f"{paired} (spread {p['spread']:.2f}, load {p['load_avg'][0]:.2f})")
     chosen = planner.CostFit.from_dict(fit)
@@ -429,14 +431,15 @@ def _describe_units(plan: dict) -> list[str]:
     if "correction" in calibration:
         lines.append(f"Calibration: mixes spending the fit's budget of {calibration['first_budget_ms']:.3f} ms, timed "
                      f"{calibration['measured']} beside the unpruned model, measured against fitted {name}:")
-        lines += [f"  {p['keep']:>4} heads, {p['blocks']:>3} blocks: {p['value_ms']:.3f} ms against {p['fitted_ms']:.3f} ms "
-                  f"({p['ratio']:.3f})" for p in calibration["points"]]
+        lines += [f"  {p['keep']:>4} heads, {p['blocks']:>3} blocks: {p['value_ms']:.3f} ms against "
+                  f"{p['fitted_ms']:.3f} ms ({p['ratio']:.3f})" for p in calibration["points"]]
         lines.append(f"  the plan takes the fit x {calibration['correction']:.3f}, the largest ratio")
     return lines + [
         f"Planned: heads and feed-forward blocks ({units['block_size']} neurons) may cost {units['budget_ms']:.3f} ms "
         f"of the {units['all_ms'] - units['fixed_ms']:.3f} ms all {model['heads_total']} heads and "
         f"{model['blocks_total']} blocks cost ({units['head_ms']:.4f} ms per head, {units['block_ms']:.4f} ms per "
-        f"block, {units['fixed_ms']:.3f} ms fixed, x {units['correction']:.3f}): predicted {name} {plan['predicted_ms']:.3f} ms "
+        f"block, {units['fixed_ms']:.3f} ms fixed, x {units['correction']:.3f}): predicted {name} "
+        f"{plan['predicted_ms']:.3f} ms "
         f"({plan['predicted_with_margin_ms']:.3f} ms with the margin) against {target['latency_ms']:.3f} ms",
         f"  for example every block and {units['heads_with_all_blocks']} heads, or every head and "
         f"{units['blocks_with_all_heads']} blocks; joint DSP decides the mix",

@@ -63,7 +63,8 @@ def run(cfg: RunConfig, run_dir, out):
     if ffn_cfg.cost_budget is not None and ffn_mask is not None:
         spent = sum(map(len, kept.values())) * ffn_cfg.head_cost + float(ffn_mask.sum()) * ffn_cfg.block_cost
         if spent > ffn_cfg.cost_budget * (1 + 1e-9):
-            raise AssertionError(f"kept heads and blocks cost {spent:.6g}, over prune.ffn.cost_budget {ffn_cfg.cost_budget}")
+            raise AssertionError(f"kept heads and blocks cost {spent:.6g}, "
+                                 f"over prune.ffn.cost_budget {ffn_cfg.cost_budget}")
     save_pruned(model, out / "model", tokenizer)
     ffn_kept = current_kept_ffn(model)
     write_json_atomic(out / "metrics.json", {

@@ -122,8 +122,9 @@ def budget_section(cfg: RunConfig, run_dir: Path, rows: list[dict], kept: dict, 
     ``latency_fraction`` budget is checked as the pruned over the unpruned latency measured in the
     same interleaved bench session, so a machine busier than when the cost table was measured
     does not move the bound; on p50, as the median over rounds of the two timed in the same round,
-    so a drift between rounds does not either (as the plan fitted it). With feed-forward blocks planned (``budget.ffn``), every point and the
-    measured mask also carry their blocks per layer, and the plan its unit costs (``units``).
+    so a drift between rounds does not either (as the plan fitted it). With feed-forward blocks
+    planned (``budget.ffn``), every point and the measured mask also carry their blocks per layer,
+    and the plan its unit costs (``units``).
     """
     from pipeline.budget import CostFit, features, paired_fraction, point_features
     from pipeline.stages.plan import read_costs, read_plan
