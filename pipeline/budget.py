@@ -468,7 +468,7 @@ class UnitPlan:
         smallest_ms: the fitted latency of one unit, the cheaper kind, kept (the fastest a mask gets).
         heads_total, blocks_total: how many of each the model has.
         free: the kinds whose fitted cost was not positive (a table that does not show what removing
-            one saves): they are planned at no cost, so the mask keeps them all.
+            one saves): they cost nothing against the budget.
         correction: measured over fitted latency of the mixes timed at a first plan's budget
             (:func:`boundary_mixes`); the budget is planned for ``correction x`` the fit. 1.0 uncorrected.
     """

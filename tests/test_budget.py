@@ -573,7 +573,7 @@ def test_unit_planner_gives_the_cost_budget_within_the_margin():
         "budget.latency_ms: 2.1 ms (p50 <= 2.100 ms) is out of reach on this machine: one head or feed-forward block "
         "kept is predicted at 2.030 ms (2.131 ms with the 5% margin); with every head and block removed it "
         "measured 2.000 ms (here)")
-    # A table where removing blocks saved nothing: blocks cost nothing, so every one is kept.
+    # A table where removing blocks saved nothing: blocks cost nothing, so all of them fit beside every head.
     noisy = CostFit(fit.terms, (2.0, 0.05, -0.001), 0.0, 0.0, None, 16)
     free = plan_units(noisy, resolve_target("latency_ms", 6.0, percentile="p50", batch=1), num_layers=6,
                       heads_per_layer=12, blocks_per_layer=24, margin=0.05)

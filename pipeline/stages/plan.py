@@ -198,7 +198,7 @@ def _make_unit_plan(cfg: RunConfig, costs: dict, points: list[dict], target, num
                                             fit=fit, margin=budget.margin)
     fitted = dict(zip(fit.terms, fit.coefficients))
     warnings += [f"removing {kind.replace('ffn_', 'feed-forward ')} did not save time in the cost table (fitted "
-                 f"{fitted[kind]:+.4f} ms each): they are planned at no cost, so every one is kept"
+                 f"{fitted[kind]:+.4f} ms each): the plan charges them nothing"
                  for kind in plan.free]
     units = {"head_ms": plan.head_ms, "block_ms": plan.block_ms, "fixed_ms": plan.fixed_ms,
              "budget_ms": plan.budget_ms, "all_ms": plan.all_ms, "block_size": cfg.prune.ffn.block_size,
