@@ -80,12 +80,10 @@ def parse_layout(text: str, num_layers: int, heads: int) -> list[int]:
 
 
 def check(run_dir: Path, step: int, log=print, also: tuple[str, ...] = ()) -> dict:
-    from benchmarks.cost_table import measure_cost_table
     from pipeline import budget as planner
     from pipeline.config import config_from_dict
     from pipeline.evaluation import task_spec
-    from pipeline.models import load_classifier
-    from pipeline.stages.plan import _graph
+    from pipeline.stages.plan import time_layouts
 
     cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
     if not cfg.budget.active:
@@ -102,15 +100,8 @@ def check(run_dir: Path, step: int, log=print, also: tuple[str, ...] = ()) -> di
         layouts = layouts_to_check(logits, mask["kept_heads"], step)
         layouts |= {f"also {text}": parse_layout(text, len(logits), len(logits[0])) for text in also}
         items = {name: {"layout": layout} for name, layout in layouts.items()}
-    task = task_spec(cfg)
-    model = load_classifier(cfg.model, task.num_labels, task.label_names)
-    b, budget = cfg.bench, cfg.budget
-    graph = _graph(cfg)
-    timed = measure_cost_table(model, [{"name": name, **item} for name, item in items.items()],
-                               engine=budget.engine, batch=budget.batch, seq=budget.seq, threads=b.threads,
-                               warmup=b.warmup, runs=b.runs, rounds=b.rounds, min_seconds=b.min_seconds,
-                               aggregate=b.aggregate, opset=cfg.export.opset,
-                               graph="plain" if graph == "torch" else graph, block_size=cfg.prune.ffn.block_size)
+    budget = cfg.budget
+    timed = time_layouts(cfg, [{"name": name, **item} for name, item in items.items()], task_spec(cfg))
     measured = {point["name"]: point for point in timed["points"]}
     machine = timed["machine"]
     field = budget.target_fields[0]

@@ -777,11 +777,16 @@ def plot_budget(report: dict, path) -> Path:
                label=f"final model: {measured['keep']} heads, {measured['value_ms']:.2f} ms")
     ax.set_xlabel(f"heads kept (planned {budget['planned_keep']})")
     ax.set_ylabel(f"{statistic} latency per call (ms)")
+    _finish_budget_axes(ax, target)
+    return _save_figure(fig, Path(path))
+
+
+def _finish_budget_axes(ax, target: dict) -> None:
+    """Title (the budget's engine and shape), grid and legend of a budget plot."""
     ax.set_title(f"{target['engine']}, batch {target['batch']}, seq {target['seq']}, {target['threads']} threads",
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    return _save_figure(fig, Path(path))
 
 
 def _plot_unit_budget(budget: dict, path: Path) -> Path:
@@ -810,10 +815,7 @@ def _plot_unit_budget(budget: dict, path: Path) -> Path:
                      f"{measured['value_ms']:.2f} ms")
     ax.set_xlabel(f"fitted {statistic} (ms)")
     ax.set_ylabel(f"measured {statistic} latency per call (ms)")
-    ax.set_title(f"{target['engine']}, batch {target['batch']}, seq {target['seq']}, {target['threads']} threads",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    _finish_budget_axes(ax, target)
     return _save_figure(fig, path)
 
 

@@ -430,10 +430,9 @@ def test_a_multi_process_launch_trains_only_a_plan_made_before_it(tmp_path, monk
     assert json.loads((run_dir / "config.json").read_text())["budget"]["latency_ms"] == 8  # left as planned
 
 
-@pytest.mark.integration
-def test_run_with_a_budget_trains_the_planned_k_and_checks_it(tmp_path, tokenizer):
-    """dsprune run end to end on the tiny model: a real cost table, the planned K trained, the budget's
-    shape timed and gated; then a rerun skips everything and an impossible budget stops before training."""
+def _tiny_budget_config(tmp_path, tokenizer, *, engines: str, extra: str = "", budget_extra: str = ""):
+    """A config running the tiny model on an SST-2 slice with a budget of 1000 ms (onnx-int8, batch 1,
+    seq 24); skips without the data. Returns (config path, run folder)."""
     from conftest import GLUE, make_tiny_bert
     from pipeline.surgery import save_pruned
 
@@ -444,10 +443,19 @@ def test_run_with_a_budget_trains_the_planned_k_and_checks_it(tmp_path, tokenize
     config = tmp_path / "tiny-budget.yaml"
     config.write_text(f"run_dir: {run_dir}\nmodel: {{name: {model_dir}}}\n"
                       "data: {max_train_examples: 32, max_eval_examples: 32, max_seq_length: 16}\n"
-                      "finetune: {batch_size: 16}\nquantize: {presets: [int8-dynamic]}\n"
-                      "bench: {batches: [1], seqs: [16], warmup: 1, runs: 3, min_seconds: 0, rounds: 1, engines: [torch-fp32]}\n"
+                      "finetune: {batch_size: 16}\nquantize: {presets: [int8-dynamic]}\n" + extra +
+                      "bench: {batches: [1], seqs: [16], warmup: 1, runs: 3, min_seconds: 0, rounds: 1, "
+                      f"engines: [{engines}]}}\n"
                       "gates: {max_metric_drop: null}\n"
-                      "budget: {latency_ms: 1000, batch: 1, seq: 24, engine: onnx-int8}\n")
+                      f"budget: {{latency_ms: 1000, batch: 1, seq: 24, engine: onnx-int8{budget_extra}}}\n")
+    return config, run_dir
+
+
+@pytest.mark.integration
+def test_run_with_a_budget_trains_the_planned_k_and_checks_it(tmp_path, tokenizer):
+    """dsprune run end to end on the tiny model: a real cost table, the planned K trained, the budget's
+    shape timed and gated; then a rerun skips everything and an impossible budget stops before training."""
+    config, run_dir = _tiny_budget_config(tmp_path, tokenizer, engines="torch-fp32")
     result = run_cli("run", "-c", str(config))
     # prune.keep's default (36) exceeds the tiny model's 8 heads: the run only works with the planned K.
     assert result.returncode == 0, result.stderr[-2000:]
@@ -636,21 +644,8 @@ def test_plan_command_with_blocks_prints_the_cost_budget_and_sets_the_unit_costs
 def test_run_with_a_budget_of_heads_and_blocks_plans_unit_costs_and_checks_them(tmp_path, tokenizer):
     """dsprune run with budget.ffn on the tiny model: a real cost table with blocks removed, the fitted
     unit costs handed to joint DSP, the pruned model within its cost budget, the report's budget section."""
-    from conftest import GLUE, make_tiny_bert
-    from pipeline.surgery import save_pruned
-
-    if not (GLUE / "SST-2").is_dir():
-        pytest.skip("needs ../shared/data/glue/SST-2")
-    model_dir = save_pruned(make_tiny_bert(), tmp_path / "tiny", tokenizer)
-    run_dir = tmp_path / "run"
-    config = tmp_path / "tiny-budget-ffn.yaml"
-    config.write_text(f"run_dir: {run_dir}\nmodel: {{name: {model_dir}}}\n"
-                      "data: {max_train_examples: 32, max_eval_examples: 32, max_seq_length: 16}\n"
-                      "finetune: {batch_size: 16}\nquantize: {presets: [int8-dynamic]}\n"
-                      "prune: {ffn: {block_size: 32}}\n"
-                      "bench: {batches: [1], seqs: [16], warmup: 1, runs: 3, min_seconds: 0, rounds: 1, engines: [onnx-int8]}\n"
-                      "gates: {max_metric_drop: null}\n"
-                      "budget: {latency_ms: 1000, batch: 1, seq: 24, engine: onnx-int8, ffn: true}\n")
+    config, run_dir = _tiny_budget_config(tmp_path, tokenizer, engines="onnx-int8",
+                                          extra="prune: {ffn: {block_size: 32}}\n", budget_extra=", ffn: true")
     result = run_cli("run", "-c", str(config))
     assert result.returncode == 0, result.stderr[-2000:]
     costs = json.loads((run_dir / "plan" / "costs.json").read_text())

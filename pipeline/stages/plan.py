@@ -122,30 +122,41 @@ def make_plan(cfg: RunConfig, costs: dict, num_layers: int, heads_per_layer: int
         if expected is not None:
             expected["study"] = budget.study
     return {
+        **_plan_record(cfg, costs, target, points, (fit, fits, reason), plan, unpruned, fastest, message),
+        "model": {"num_layers": num_layers, "heads_per_layer": heads_per_layer, "heads_total": total,
+                  "per_layer": cfg.prune.per_layer},
+        "keep": plan.keep,
+        "smallest_keep": plan.smallest_keep,
+        "curve": plan.curve,
+        "expected_metric": expected,
+    }
+
+
+def _plan_record(cfg: RunConfig, costs: dict, target, points: list[dict], fitted: tuple, plan,
+                 unpruned: dict | None, fastest: float | None, message: str | None, extra_warnings=()) -> dict:
+    """The fields of plan.json that a plan of heads and a plan of heads and blocks share."""
+    budget = cfg.budget
+    fit, fits, reason = fitted
+    warnings = planner.measurement_warnings(points, cores=costs["machine"]["cores"], threads=cfg.bench.threads,
+                                            fit=fit, margin=budget.margin)
+    return {
         "target": {**dataclasses.asdict(target), "engine": budget.engine, "device": budget.device,
                    "seq": budget.seq, "threads": cfg.bench.threads, "percentile": budget.percentile,
                    "margin": budget.margin, "description": target.describe()},
-        "model": {"num_layers": num_layers, "heads_per_layer": heads_per_layer, "heads_total": total,
-                  "per_layer": cfg.prune.per_layer},
         "statistic": target.statistic,
         "paired": "paired_fraction" in points[0],
         "points": points,
         "fit": fit.to_dict(),
         "fit_choice": reason,
         "fits": [f.to_dict() for f in fits],
-        "keep": plan.keep,
         "reachable": plan.reachable,
         "predicted_ms": plan.predicted_ms,
         "predicted_with_margin_ms": None if plan.predicted_ms is None else plan.predicted_ms * (1 + budget.margin),
-        "smallest_keep": plan.smallest_keep,
         "smallest_ms": plan.smallest_ms,
         "fastest_measured_ms": fastest,
         "unpruned_measured_ms": unpruned[target.statistic] if unpruned else None,
-        "curve": plan.curve,
         "message": message,
-        "warnings": planner.measurement_warnings(points, cores=costs["machine"]["cores"], threads=cfg.bench.threads,
-                                                   fit=fit, margin=budget.margin),
-        "expected_metric": expected,
+        "warnings": [*warnings, *extra_warnings],
     }
 
 
@@ -194,12 +205,9 @@ def _make_unit_plan(cfg: RunConfig, costs: dict, points: list[dict], target, num
     if not plan.reachable:
         message = planner.unreachable_units_message(target, plan, budget.margin, fastest_measured_ms=fastest,
                                                     setting=setting(cfg))
-    warnings = planner.measurement_warnings(points, cores=costs["machine"]["cores"], threads=cfg.bench.threads,
-                                            fit=fit, margin=budget.margin)
     fitted = dict(zip(fit.terms, fit.coefficients))
-    warnings += [f"removing {kind.replace('ffn_', 'feed-forward ')} did not save time in the cost table (fitted "
-                 f"{fitted[kind]:+.4f} ms each): the plan charges them nothing"
-                 for kind in plan.free]
+    free = [f"removing {kind.replace('ffn_', 'feed-forward ')} did not save time in the cost table (fitted "
+            f"{fitted[kind]:+.4f} ms each): the plan charges them nothing" for kind in plan.free]
     units = {"head_ms": plan.head_ms, "block_ms": plan.block_ms, "fixed_ms": plan.fixed_ms,
              "budget_ms": plan.budget_ms, "all_ms": plan.all_ms, "block_size": cfg.prune.ffn.block_size,
              "correction": plan.correction, "calibration": calibration}
@@ -207,30 +215,14 @@ def _make_unit_plan(cfg: RunConfig, costs: dict, points: list[dict], target, num
         units |= {"heads_with_all_blocks": plan.heads_with_all_blocks(),
                   "blocks_with_all_heads": plan.blocks_with_all_heads()}
     return {
-        "target": {**dataclasses.asdict(target), "engine": budget.engine, "device": budget.device,
-                   "seq": budget.seq, "threads": cfg.bench.threads, "percentile": budget.percentile,
-                   "margin": budget.margin, "description": target.describe()},
+        **_plan_record(cfg, costs, target, points, (fit, fits, reason), plan, unpruned, fastest, message, free),
         "model": {"num_layers": num_layers, "heads_per_layer": heads_per_layer,
                   "heads_total": num_layers * heads_per_layer, "per_layer": False,
                   "blocks_per_layer": blocks_per_layer, "blocks_total": num_layers * blocks_per_layer},
-        "statistic": target.statistic,
-        "paired": "paired_fraction" in points[0],
-        "points": points,
-        "fit": fit.to_dict(),
-        "fit_choice": reason,
-        "fits": [f.to_dict() for f in fits],
         "keep": None,
         "units": units,
-        "reachable": plan.reachable,
-        "predicted_ms": plan.predicted_ms,
-        "predicted_with_margin_ms": None if plan.predicted_ms is None else plan.predicted_ms * (1 + budget.margin),
         "smallest_keep": None,
-        "smallest_ms": plan.smallest_ms,
-        "fastest_measured_ms": fastest,
-        "unpruned_measured_ms": unpruned[target.statistic] if unpruned else None,
         "curve": [],
-        "message": message,
-        "warnings": warnings,
         "expected_metric": None,
     }
 
@@ -289,19 +281,8 @@ def run(cfg: RunConfig, run_dir, out):
     costs = json.loads(previous.read_text()) if previous.is_file() else None
     reused = costs is not None and costs.get("key") == key
     if not reused:
-        from benchmarks.cost_table import measure_cost_table
-        from pipeline.models import load_classifier
-
         started = datetime.now(timezone.utc)
-        model = load_classifier(cfg.model, num_labels, task.label_names)
-        b = cfg.bench
-        measured = measure_cost_table(model, layouts, engine=cfg.budget.engine, batch=cfg.budget.batch,
-                                      seq=cfg.budget.seq, threads=b.threads, warmup=b.warmup, runs=b.runs,
-                                      min_seconds=b.min_seconds, rounds=b.rounds,
-                                      aggregate=b.aggregate, opset=cfg.export.opset,
-                                      graph="plain" if key["graph"] == "torch" else key["graph"],
-                                      block_size=cfg.prune.ffn.block_size)
-        costs = {"key": key, "measured": started.isoformat(timespec="seconds"), **measured}
+        costs = {"key": key, "measured": started.isoformat(timespec="seconds"), **time_layouts(cfg, layouts, task)}
     plan = make_plan(cfg, costs, num_layers, heads_per_layer, blocks_per_layer)
     pending = (plan.get("units", {}).get("calibration") or {}).get("pending")
     if pending:
@@ -314,23 +295,28 @@ def run(cfg: RunConfig, run_dir, out):
             "predicted_ms": plan["predicted_ms"], "fit_max_rel_error": plan["fit"]["max_rel_error"]}
 
 
-def _time_boundary(cfg: RunConfig, costs: dict, mixes: list[dict], task) -> dict:
-    """Time the unpruned layout and ``mixes`` (the plan's budget spent different ways) in one interleaved session."""
+def time_layouts(cfg: RunConfig, items: list[dict], task) -> dict:
+    """Cut ``items`` (layouts) from the config's model and time them all, interleaved, with the budget's
+    engine, batch and sequence length and the bench settings (:func:`benchmarks.cost_table.measure_cost_table`)."""
     from benchmarks.cost_table import measure_cost_table
     from pipeline.models import load_classifier
 
-    started = datetime.now(timezone.utc)
     model = load_classifier(cfg.model, task.num_labels, task.label_names)
+    b, budget, graph = cfg.bench, cfg.budget, _graph(cfg)
+    return measure_cost_table(model, items, engine=budget.engine, batch=budget.batch, seq=budget.seq,
+                              threads=b.threads, warmup=b.warmup, runs=b.runs, min_seconds=b.min_seconds,
+                              rounds=b.rounds, aggregate=b.aggregate, opset=cfg.export.opset,
+                              graph="plain" if graph == "torch" else graph, block_size=cfg.prune.ffn.block_size)
+
+
+def _time_boundary(cfg: RunConfig, costs: dict, mixes: list[dict], task) -> dict:
+    """Time the unpruned layout and ``mixes`` (the plan's budget spent different ways) in one interleaved session."""
+    started = datetime.now(timezone.utc)
     unpruned = max(costs["points"], key=lambda p: (p["keep"], p.get("ffn_blocks", 0)))
     items = [{**{k: unpruned[k] for k in ("layout", "blocks", "keep", "empty_layers", "ffn_blocks")},
               "name": "unpruned"}, *mixes]
-    b, key = cfg.bench, costs["key"]
-    measured = measure_cost_table(model, items, engine=cfg.budget.engine, batch=cfg.budget.batch, seq=cfg.budget.seq,
-                                  threads=b.threads, warmup=b.warmup, runs=b.runs, min_seconds=b.min_seconds,
-                                  rounds=b.rounds, aggregate=b.aggregate, opset=cfg.export.opset,
-                                  graph="plain" if key["graph"] == "torch" else key["graph"],
-                                  block_size=cfg.prune.ffn.block_size)
-    return {"layouts": _layout_pairs(mixes), "measured": started.isoformat(timespec="seconds"), **measured}
+    return {"layouts": _layout_pairs(mixes), "measured": started.isoformat(timespec="seconds"),
+            **time_layouts(cfg, items, task)}
 
 
 def read_plan(run_dir) -> dict:
