@@ -12,6 +12,7 @@ from pipeline.gates import (
     add_head_gates_,
     gumbel_soft_top_k,
     harden,
+    install_mask_hooks_,
     kept_heads_from_mask,
     remove_head_gates_,
     temperature_at,
@@ -115,6 +116,45 @@ def test_eval_mode_uses_the_hard_mask_and_removal_restores_the_model(tiny_inputs
         after = model(**tiny_inputs).logits
     assert torch.equal(before, after)
     assert not torch.allclose(before, gated)
+
+
+def _scale_inputs_(model, mask, block_size):
+    """The plain definition of a mask: pre-hooks scaling each head's and each block's input slice."""
+    from pipeline.architectures import attention_parts, feed_forward_parts
+
+    parts, ffn = attention_parts(model), feed_forward_parts(model)
+    heads = parts[0].num_heads
+
+    def hook(rows, layer, width):
+        return lambda module, args: (args[0] * rows[layer].repeat_interleave(width),)
+
+    head_rows, block_rows = mask[:, :heads], mask[:, heads:]
+    return ([p.output.register_forward_pre_hook(hook(head_rows, p.layer, p.head_dim)) for p in parts]
+            + [p.output.register_forward_pre_hook(hook(block_rows, p.layer, block_size)) for p in ffn])
+
+
+def test_mask_hooks_equal_scaling_each_head_and_block_input(tiny_inputs):
+    """Scaling weight columns gives the outputs and gradients (mask and weights) of scaling the inputs."""
+    block_size, labels = 16, torch.tensor([0, 1, 1])
+    mask = torch.rand(2, 4 + 128 // block_size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mask[0, 1] = mask[1, 5] = 0.0  # a pruned head and a pruned block
+    results = []
+    for install in (_scale_inputs_, None):
+        model = make_tiny_bert()
+        leaf = mask.clone().requires_grad_(True)
+        if install is None:
+            install_mask_hooks_(model, lambda: leaf, block_size=block_size)
+        else:
+            install(model, leaf.float(), block_size)
+        loss = model(**tiny_inputs, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), leaf.grad, [p.grad for p in model.parameters()]))
+    (loss, mask_grad, grads), (loss_ref, mask_grad_ref, grads_ref) = results[1], results[0]
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(mask_grad, mask_grad_ref, rtol=1e-4, atol=1e-7)
+    assert mask_grad[0, 1] != 0 and mask_grad[1, 5] != 0  # a pruned unit still learns whether to return
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, grad_ref)
 
 
 def test_gated_training_is_deterministic_for_a_seed(tiny_inputs):
