@@ -605,9 +605,10 @@ def measure_step_time(ctx: Context) -> dict:
     The same batches, the same optimizer over the weights; gated steps add the gates' forward and
     backward and their optimizer group. The GPU is synchronized before each clock read. A round's
     figure is its mean step (the total time a run pays: DSP's steps differ before and after the
-    cool-down); the row is the median over rounds. The gates take the study's options for a run of
-    the timed steps' length (:func:`_gate_options`): DSP cools over ``dsp.cooldown_fraction`` of
-    them, then holds.
+    cool-down); ``step_ms`` is the median over rounds and ``step_ratio`` the median of each round's
+    ratio to its plain figure (the order rotates by one each round). The gates take the study's
+    options for a run of the timed steps' length (:func:`_gate_options`): DSP cools over
+    ``dsp.cooldown_fraction`` of them, then holds.
     """
     import torch
 
@@ -665,14 +666,20 @@ def measure_step_time(ctx: Context) -> dict:
 
     configs = [(m, p) for m in spec.methods for p in spec.placements]
     label = {(m, p): m if p == "auto" else f"{m}@{p}" for m, p in configs}
+    order: list = [None, *configs]
     per_round: dict[str, list[float]] = {"plain": [], **{label[c]: [] for c in configs}}
-    for _ in range(spec.rounds):
-        per_round["plain"].append(time_steps(None))
-        for method, placement in configs:
-            gates = install(method, placement)
-            per_round[label[method, placement]].append(time_steps(gates))
+    for round_ in range(spec.rounds):
+        # Each round starts one place later, so no configuration always runs first or after the same one.
+        for config in order[round_ % len(order):] + order[:round_ % len(order)]:
+            if config is None:
+                per_round["plain"].append(time_steps(None))
+                continue
+            gates = install(*config)
+            per_round[label[config]].append(time_steps(gates))
             remove_head_gates_(model)
     medians = {name: statistics.median(values) * 1e3 for name, values in per_round.items()}
+    paired = {name: statistics.median(t / p for t, p in zip(values, per_round["plain"]))
+              for name, values in per_round.items() if name != "plain"}
     profiles = {}
     if spec.profile:
         for name, method, placement in (("plain", None, None), *((label[c], *c) for c in configs)):
@@ -681,12 +688,14 @@ def measure_step_time(ctx: Context) -> dict:
             if gates is not None:
                 remove_head_gates_(model)
     return {"step_ms": {k: round(v, 3) for k, v in medians.items()},
-            "step_ratio": {name: round(medians[name] / medians["plain"], 4) for name in per_round if name != "plain"},
+            "step_ratio": {name: round(ratio, 4) for name, ratio in paired.items()},
+            "step_ratio_of_medians": {name: round(medians[name] / medians["plain"], 4) for name in paired},
             "profiles": profiles, "timing_placements": list(spec.placements),
             "timing_batch_size": ctx.config.reference.batch_size, "timing_steps": spec.steps,
             "timing_rounds": spec.rounds, "timing_keep": keep,
             "timing_cooldown_steps": _gate_options(ctx, "dsp", spec.steps)[1]["cooldown_steps"],
-            "timing_statistic": "mean step per round, median over rounds"}
+            "timing_statistic": "mean step per round; step_ms: median over rounds; step_ratio: median over rounds "
+                                "of the round's ratio to plain; the order rotates by one each round"}
 
 
 def _profile_steps(run, device) -> list[dict]:

@@ -20,26 +20,29 @@ def pick_device() -> torch.device:
 
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (one norm over every gradient, one scale for all), one device at a time.
+    """``torch.nn.utils.clip_grad_norm_`` (one norm over every gradient, one scale for all), one
+    device and dtype at a time.
 
-    Gates beside a CUDA model live on the CPU (:func:`pipeline.gates.gate_device`). Given gradients
-    on two devices, torch's own function (2.11) scaled the CUDA ones one kernel at a time: 98 more
-    kernel launches per MiniLM step on an H100, whose training step is bound by launches. Grouped
-    here by device, each group keeps its multi-tensor kernels. Returns the total norm.
+    Gates beside a CUDA model live on the CPU (:func:`pipeline.gates.gate_device`), and DSP's gates
+    are float64. Given gradients of two devices or dtypes, torch's own function (2.11) left its fast
+    paths: on an H100 it scaled the CUDA gradients one kernel at a time (98 more launches per MiniLM
+    step, whose training step is bound by launches), and on a CPU it stacked the per-tensor norms
+    of mixed dtypes one copy at a time (600 more ops per step). Grouped here, each group keeps its
+    fast paths. Returns the total norm.
     """
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for p in parameters:
         if p.grad is not None:
-            by_device.setdefault(p.grad.device, []).append(p)
-    if not by_device:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+    if not groups:
         return torch.tensor(0.0)
-    first = next(iter(by_device))
-    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]).to(first) for group in by_device.values()]
+    first = next(iter(groups))[0]
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]).to(first) for group in groups.values()]
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-    for group in by_device.values():
-        # The scale in the group's own dtype: a float64 total (float64 gate gradients on the CPU) sent
-        # torch's (2.11) foreach multiply of float32 CUDA gradients down its per-tensor path, one kernel
-        # per tensor: 107 more launches per MiniLM step on an H100 (torch.profiler, study timing).
+    for group in groups.values():
+        # The scale in the group's own dtype: a float64 total sent torch's (2.11) foreach multiply
+        # of float32 CUDA gradients down its per-tensor path, one kernel per tensor: 107 more
+        # launches per MiniLM step on an H100 (torch.profiler, study timing).
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(group[0].grad.dtype))
     return total
 
