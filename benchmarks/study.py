@@ -118,6 +118,9 @@ class TimingSpec:
     methods: tuple[str, ...] = ("dsp", "ste", "hardconcrete")
     placements: tuple[str, ...] = ("auto",)  # where gates live (pipeline.gates.GATES_ON): auto, model, cpu
     profile: bool = False  # also record the top operators of plain and every method's steps (torch.profiler)
+    # Also time plain steps with a host sync where gates on the CPU force one: mid-backward (the mask
+    # gradient's copy to the host) and after backward (clipping reads the total norm on the host).
+    sync_probes: bool = False
 
 
 @dataclass(frozen=True)
@@ -605,13 +608,15 @@ def measure_step_time(ctx: Context) -> dict:
     The same batches, the same optimizer over the weights; gated steps add the gates' forward and
     backward and their optimizer group. The GPU is synchronized before each clock read. A round's
     figure is its mean step (the total time a run pays: DSP's steps differ before and after the
-    cool-down); ``step_ms`` is the median over rounds and ``step_ratio`` the median of each round's
-    ratio to its plain figure (the order rotates by one each round). The gates take the study's
+    cool-down); ``step_ms`` is the median over rounds, ``step_ms_rounds`` every round's figure and
+    ``step_ratio`` the median of each round's ratio to its plain figure (the order rotates by one
+    each round; an untimed round goes first). The gates take the study's
     options for a run of the timed steps' length (:func:`_gate_options`): DSP cools over
     ``dsp.cooldown_fraction`` of them, then holds.
     """
     import torch
 
+    from pipeline.architectures import attention_parts
     from pipeline.gates import GATES_ON, remove_head_gates_
     from pipeline.methods import add_method_gates_
     from pipeline.training import clip_grad_norm_
@@ -630,12 +635,15 @@ def measure_step_time(ctx: Context) -> dict:
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def time_steps(gates) -> float:
+    def time_steps(gates, sync_at: str | None = None) -> float:
         groups = _weight_groups(model, 1e-8, 0.0)
         if gates is not None:
             groups.append({"params": list(gates.parameters()), "lr": 1e-8, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups)
         params = [p for g in groups for p in g["params"]]
+        # The first layer's attention output projection is where the mask's gradient is complete.
+        mid = (attention_parts(model)[0].output.weight.register_hook(lambda grad: (sync(), grad)[1])
+               if sync_at == "mid" else None)
         times = []
         for i, batch in enumerate(batches):
             sync()
@@ -645,6 +653,8 @@ def measure_step_time(ctx: Context) -> dict:
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**batch).loss
             loss.backward()
+            if sync_at == "after":
+                sync()
             clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -652,6 +662,8 @@ def measure_step_time(ctx: Context) -> dict:
             sync()
             if i >= spec.warmup:
                 times.append(time.perf_counter() - start)
+        if mid is not None:
+            mid.remove()
         return statistics.fmean(times)
 
     def install(method, placement):
@@ -666,17 +678,20 @@ def measure_step_time(ctx: Context) -> dict:
 
     configs = [(m, p) for m in spec.methods for p in spec.placements]
     label = {(m, p): m if p == "auto" else f"{m}@{p}" for m, p in configs}
-    order: list = [None, *configs]
-    per_round: dict[str, list[float]] = {"plain": [], **{label[c]: [] for c in configs}}
-    for round_ in range(spec.rounds):
+    probes = {"plain+sync-mid": "mid", "plain+sync-after": "after"} if spec.sync_probes else {}
+    order: list = [None, *configs, *probes]
+    per_round: dict[str, list[float]] = {"plain": [], **{label[c]: [] for c in configs}, **{p: [] for p in probes}}
+    # Round -1 is untimed: on an H200 the first configuration of the first round ran 2-3x slower
+    # (clocks rising from idle, lazy CUDA initialisation), past its warm-up steps.
+    for round_ in range(-1, spec.rounds):
         # Each round starts one place later, so no configuration always runs first or after the same one.
         for config in order[round_ % len(order):] + order[:round_ % len(order)]:
-            if config is None:
-                per_round["plain"].append(time_steps(None))
-                continue
-            gates = install(*config)
-            per_round[label[config]].append(time_steps(gates))
-            remove_head_gates_(model)
+            gates = install(*config) if isinstance(config, tuple) else None
+            seconds = time_steps(gates, probes.get(config))
+            if gates is not None:
+                remove_head_gates_(model)
+            if round_ >= 0:
+                per_round[label[config] if isinstance(config, tuple) else config or "plain"].append(seconds)
     medians = {name: statistics.median(values) * 1e3 for name, values in per_round.items()}
     paired = {name: statistics.median(t / p for t, p in zip(values, per_round["plain"]))
               for name, values in per_round.items() if name != "plain"}
@@ -688,14 +703,16 @@ def measure_step_time(ctx: Context) -> dict:
             if gates is not None:
                 remove_head_gates_(model)
     return {"step_ms": {k: round(v, 3) for k, v in medians.items()},
+            "step_ms_rounds": {k: [round(t * 1e3, 3) for t in values] for k, values in per_round.items()},
             "step_ratio": {name: round(ratio, 4) for name, ratio in paired.items()},
             "step_ratio_of_medians": {name: round(medians[name] / medians["plain"], 4) for name in paired},
             "profiles": profiles, "timing_placements": list(spec.placements),
             "timing_batch_size": ctx.config.reference.batch_size, "timing_steps": spec.steps,
             "timing_rounds": spec.rounds, "timing_keep": keep,
             "timing_cooldown_steps": _gate_options(ctx, "dsp", spec.steps)[1]["cooldown_steps"],
-            "timing_statistic": "mean step per round; step_ms: median over rounds; step_ratio: median over rounds "
-                                "of the round's ratio to plain; the order rotates by one each round"}
+            "timing_statistic": "mean step per round, after one untimed round; step_ms: median over rounds; "
+                                "step_ratio: median over rounds of the round's ratio to plain; the order rotates "
+                                "by one each round"}
 
 
 def _profile_steps(run, device) -> list[dict]:
