@@ -610,9 +610,10 @@ def measure_step_time(ctx: Context) -> dict:
     figure is its mean step (the total time a run pays: DSP's steps differ before and after the
     cool-down); ``step_ms`` is the median over rounds, ``step_ms_rounds`` every round's figure and
     ``step_ratio`` the median of each round's ratio to its plain figure (the order rotates by one
-    each round; an untimed round goes first). The gates take the study's
-    options for a run of the timed steps' length (:func:`_gate_options`): DSP cools over
-    ``dsp.cooldown_fraction`` of them, then holds.
+    each round; an untimed round goes first). The gates take the study's options for a run of the
+    timed steps' length (:func:`_gate_options`): DSP cools over ``dsp.cooldown_fraction`` of them,
+    then holds. With ``timing.sync_probes``, plain steps with a host sync mid-backward or after
+    backward are timed in the same rounds (``plain+sync-mid``, ``plain+sync-after``).
     """
     import torch
 
