@@ -677,32 +677,36 @@ def measure_step_time(ctx: Context) -> dict:
         model.train()
         return gates
 
-    configs = [(m, p) for m in spec.methods for p in spec.placements]
-    label = {(m, p): m if p == "auto" else f"{m}@{p}" for m, p in configs}
-    probes = {"plain+sync-mid": "mid", "plain+sync-after": "after"} if spec.sync_probes else {}
-    order: list = [None, *configs, *probes]
-    per_round: dict[str, list[float]] = {"plain": [], **{label[c]: [] for c in configs}, **{p: [] for p in probes}}
+    # (name, (method, placement) or None for plain steps, where a plain step syncs the host or None)
+    order = [("plain", None, None),
+             *((m if p == "auto" else f"{m}@{p}", (m, p), None) for m in spec.methods for p in spec.placements),
+             *((("plain+sync-mid", None, "mid"), ("plain+sync-after", None, "after")) if spec.sync_probes else ())]
+
+    def with_gates(config, measure):
+        """``measure(gates)`` with ``config``'s gates installed (None: plain steps), then taken off."""
+        gates = install(*config) if config is not None else None
+        result = measure(gates)
+        if gates is not None:
+            remove_head_gates_(model)
+        return result
+
+    per_round: dict[str, list[float]] = {name: [] for name, _, _ in order}
     # Round -1 is untimed: on an H200 the first configuration of the first round ran 2-3x slower
     # (clocks rising from idle, lazy CUDA initialisation), past its warm-up steps.
     for round_ in range(-1, spec.rounds):
         # Each round starts one place later, so no configuration always runs first or after the same one.
-        for config in order[round_ % len(order):] + order[:round_ % len(order)]:
-            gates = install(*config) if isinstance(config, tuple) else None
-            seconds = time_steps(gates, probes.get(config))
-            if gates is not None:
-                remove_head_gates_(model)
+        for name, config, sync_at in order[round_ % len(order):] + order[:round_ % len(order)]:
+            seconds = with_gates(config, lambda gates: time_steps(gates, sync_at))
             if round_ >= 0:
-                per_round[label[config] if isinstance(config, tuple) else config or "plain"].append(seconds)
+                per_round[name].append(seconds)
     medians = {name: statistics.median(values) * 1e3 for name, values in per_round.items()}
     paired = {name: statistics.median(t / p for t, p in zip(values, per_round["plain"]))
               for name, values in per_round.items() if name != "plain"}
     profiles = {}
     if spec.profile:
-        for name, method, placement in (("plain", None, None), *((label[c], *c) for c in configs)):
-            gates = install(method, placement) if method else None
-            profiles[name] = _profile_steps(lambda: time_steps(gates), ctx.device)
-            if gates is not None:
-                remove_head_gates_(model)
+        for name, config, sync_at in order:
+            if sync_at is None:  # the probes are plain steps
+                profiles[name] = with_gates(config, lambda gates: _profile_steps(lambda: time_steps(gates), ctx.device))
     return {"step_ms": {k: round(v, 3) for k, v in medians.items()},
             "step_ms_rounds": {k: [round(t * 1e3, 3) for t in values] for k, values in per_round.items()},
             "step_ratio": {name: round(ratio, 4) for name, ratio in paired.items()},
