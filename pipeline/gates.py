@@ -395,17 +395,19 @@ def install_mask_hooks_(model: nn.Module, current_mask, *, block_size: int | Non
     paid on the Python side, and a MiniLM training step is bound by those: scaling the activations
     took a multiply per layer forward and three backward (34 launches a step in all on an H100),
     this takes a stack and a multiply forward and a stack, a multiply and a reduction backward for
-    all layers together. The result is the same: exactly the weights' columns where the mask is 0 or 1.
+    all layers together. Under autocast the product is cast once, where plain steps cast each layer's
+    weight forward and its gradient backward: the gated step launches fewer casts than a plain one.
+    The result is the same: exactly the weights' columns where the mask is 0 or 1.
 
     Returns:
         Handles; ``handle.remove()`` on each undoes it.
     """
     parts = attention_parts(model)
     heads = parts[0].num_heads
-    kinds = [([p.output for p in parts], 0, heads)]
+    kinds = [([p.output for p in parts], heads)]  # (the layers' linears, the mask's columns for them)
     if block_size:
         ffn = feed_forward_parts(model)
-        kinds.append(([p.output for p in ffn], heads, ffn[0].width // block_size))
+        kinds.append(([p.output for p in ffn], ffn[0].width // block_size))
     cache: list = []
 
     def start_forward(module, args, kwargs):
@@ -416,12 +418,20 @@ def install_mask_hooks_(model: nn.Module, current_mask, *, block_size: int | Non
     def scaled_weights() -> list:
         if not cache:
             weight = parts[0].output.weight
-            mask = current_mask().to(weight.device, weight.dtype)
-            for linears, first, groups in kinds:
+            # Converted where it lives, then copied: CPU gates cost a GPU step one copy and no kernel.
+            mask = current_mask().to(weight.dtype).to(weight.device)
+            kind = weight.device.type
+            cast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+            # One split, not a slice per kind: a slice's backward launches two kernels, a split's one.
+            columns_of = mask.split([groups for _, groups in kinds], 1) if len(kinds) > 1 else (mask,)
+            for (linears, groups), part in zip(kinds, columns_of):
                 stacked = torch.stack([linear.weight for linear in linears])  # (layers, out, in)
                 layers, rows, columns = stacked.shape
-                scale = mask[:, first:first + groups].reshape(layers, 1, groups, 1)
-                cache.append((stacked.view(layers, rows, groups, columns // groups) * scale).view_as(stacked).unbind(0))
+                scale = part.reshape(layers, 1, groups, 1)
+                scaled = (stacked.view(layers, rows, groups, columns // groups) * scale).view_as(stacked)
+                # Under autocast one cast of all layers' weights, which autocast's linear then uses
+                # as they are, instead of one cast per layer (and one per layer backward).
+                cache.append((scaled if cast is None else scaled.to(cast)).unbind(0))
         return cache
 
     def scaled_forward(kind: int, layer: int, linear: nn.Linear):
@@ -431,7 +441,7 @@ def install_mask_hooks_(model: nn.Module, current_mask, *, block_size: int | Non
         return forward
 
     handles = [model.base_model.register_forward_pre_hook(start_forward, with_kwargs=True)]
-    for kind, (linears, _, _) in enumerate(kinds):
+    for kind, (linears, _) in enumerate(kinds):
         for layer, linear in enumerate(linears):
             if "forward" in vars(linear):
                 raise ValueError(f"layer {layer}'s {type(linear).__name__} already has its forward replaced")

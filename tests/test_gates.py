@@ -157,6 +157,33 @@ def test_mask_hooks_equal_scaling_each_head_and_block_input(tiny_inputs):
         torch.testing.assert_close(grad, grad_ref)
 
 
+def test_mask_hooks_under_autocast_match_scaling_the_inputs(tiny_inputs):
+    """Under bf16 autocast the hooks cast the scaled weights once; a 0/1 mask then gives the loss and
+    gradients of scaling the inputs, which autocast's linear casts layer by layer."""
+    labels = torch.tensor([0, 1, 1])
+    mask = torch.ones(2, 4 + 128 // 16, dtype=torch.float64)
+    mask[0, 1] = mask[1, 2] = mask[1, 5] = 0.0
+    results = []
+    for install in (_scale_inputs_, None):
+        model = make_tiny_bert()
+        leaf = mask.clone().requires_grad_(True)
+        if install is None:
+            install_mask_hooks_(model, lambda: leaf, block_size=16)
+        else:
+            install(model, leaf.float(), 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**tiny_inputs, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), leaf.grad, [p.grad for p in model.parameters()]))
+    (loss, mask_grad, grads), (loss_ref, mask_grad_ref, grads_ref) = results[1], results[0]
+    assert loss.dtype == loss_ref.dtype
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(mask_grad, mask_grad_ref, rtol=2e-2, atol=1e-3)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, grad_ref, rtol=2e-2, atol=1e-3)
+
+
 def test_gated_training_is_deterministic_for_a_seed(tiny_inputs):
     def train_once():
         model = make_tiny_bert()
