@@ -114,7 +114,7 @@ class TimingSpec:
 
     steps: int = 50
     warmup: int = 10
-    rounds: int = 3
+    rounds: int = 3  # passes of warmup + steps cycles, every configuration one step per cycle
     methods: tuple[str, ...] = ("dsp", "ste", "hardconcrete")
     placements: tuple[str, ...] = ("auto",)  # where gates live (pipeline.gates.GATES_ON): auto, model, cpu
     profile: bool = False  # also record the top operators of plain and every method's steps (torch.profiler)
@@ -603,30 +603,35 @@ def _flops_kept(ctx: Context, model, selection) -> float:
 
 
 def measure_step_time(ctx: Context) -> dict:
-    """Training-step time of plain fine-tuning and of each gated method, interleaved by round.
+    """Training-step time of plain fine-tuning and of each gated method, interleaved step by step.
 
-    The same batches, the same optimizer over the weights; gated steps add the gates' forward and
-    backward and their optimizer group. The GPU is synchronized before each clock read. A round's
-    figure is its mean step (the total time a run pays: DSP's steps differ before and after the
-    cool-down); ``step_ms`` is the median over rounds, ``step_ms_rounds`` every round's figure and
-    ``step_ratio`` the median of each round's ratio to its plain figure (the order rotates by one
-    each round; an untimed round goes first). The gates take the study's options for a run of the
-    timed steps' length (:func:`_gate_options`): DSP cools over ``dsp.cooldown_fraction`` of them,
-    then holds. With ``timing.sync_probes``, plain steps with a host sync mid-backward or after
-    backward are timed in the same rounds (``plain+sync-mid``, ``plain+sync-after``).
+    Every configuration trains its own copy of the pretrained model on the same batches, with the
+    same optimizer over the weights; gated steps add the gates' forward and backward and their
+    optimizer group. The copies take turns one step at a time, the order rotating by one each
+    cycle, so that a drift of the machine's speed falls on all of them alike: on an H200, rounds of
+    100 steps of one configuration at a time moved by up to 20% from one round to the next, and the
+    ratio of two configurations with them. The GPU is synchronized before each clock read.
+
+    A pass is ``warmup + steps`` cycles; the gates take the study's options for a run of ``steps``
+    (:func:`_gate_options`): DSP cools over ``dsp.cooldown_fraction`` of them, then holds, so a
+    pass pays the soft top-K's steps and the saturated ones in their proportion. A pass's figure is
+    each configuration's mean timed step; ``step_ms`` is the median over passes, ``step_ms_rounds``
+    every pass's figure and ``step_ratio`` the median of each pass's ratio to its plain figure. An
+    untimed pass goes first. With ``timing.sync_probes``, plain steps with a host sync mid-backward
+    or after backward are timed too (``plain+sync-mid``, ``plain+sync-after``).
     """
     import torch
 
     from pipeline.architectures import attention_parts
-    from pipeline.gates import GATES_ON, remove_head_gates_
+    from pipeline.gates import GATES_ON
     from pipeline.methods import add_method_gates_
     from pipeline.training import clip_grad_norm_
 
     spec = ctx.config.timing
-    model = ctx.pretrained(0)
-    model.train()
-    total_heads = model.config.num_hidden_layers * model.config.num_attention_heads
-    keep = total_heads // 2 if not ctx.config.per_layer else model.config.num_hidden_layers * (model.config.num_attention_heads // 2)
+    first = ctx.pretrained(0)
+    config = first.config
+    total_heads = config.num_hidden_layers * config.num_attention_heads
+    keep = total_heads // 2 if not ctx.config.per_layer else config.num_hidden_layers * (config.num_attention_heads // 2)
     source = ctx.train_batches(0)(0)
     batches = [b for _, b in zip(range(spec.steps + spec.warmup), source)]
     batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in batches]
@@ -636,17 +641,27 @@ def measure_step_time(ctx: Context) -> dict:
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def time_steps(gates, sync_at: str | None = None) -> float:
+    def trainer(model, gates_config, sync_at: str | None):
+        """``step(i, batch)`` -> seconds: one training step of ``model`` (the configuration's own copy)."""
+        gates = None
+        if gates_config is not None:
+            method, placement = gates_config
+            os.environ[GATES_ON] = placement
+            try:
+                gates = add_method_gates_(model, method, keep, per_layer=ctx.config.per_layer, seed=0,
+                                          **_gate_options(ctx, method, spec.steps)[1])
+            finally:
+                os.environ.pop(GATES_ON)
+        model.train()
         groups = _weight_groups(model, 1e-8, 0.0)
         if gates is not None:
             groups.append({"params": list(gates.parameters()), "lr": 1e-8, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups)
         params = [p for g in groups for p in g["params"]]
-        # The first layer's attention output projection is where the mask's gradient is complete.
-        mid = (attention_parts(model)[0].output.weight.register_hook(lambda grad: (sync(), grad)[1])
-               if sync_at == "mid" else None)
-        times = []
-        for i, batch in enumerate(batches):
+        if sync_at == "mid":  # the first layer's attention output projection: where the mask's gradient is complete
+            attention_parts(model)[0].output.weight.register_hook(lambda grad: (sync(), grad)[1])
+
+        def step(i: int, batch: dict) -> float:
             sync()
             start = time.perf_counter()
             if gates is not None:
@@ -661,52 +676,38 @@ def measure_step_time(ctx: Context) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.item()
             sync()
-            if i >= spec.warmup:
-                times.append(time.perf_counter() - start)
-        if mid is not None:
-            mid.remove()
-        return statistics.fmean(times)
+            return time.perf_counter() - start
 
-    def install(method, placement):
-        os.environ[GATES_ON] = placement
-        try:
-            gates = add_method_gates_(model, method, keep, per_layer=ctx.config.per_layer, seed=0,
-                                      **_gate_options(ctx, method, spec.steps)[1])
-        finally:
-            os.environ.pop(GATES_ON)
-        model.train()
-        return gates
+        return step
 
     # (name, (method, placement) or None for plain steps, where a plain step syncs the host or None)
     order = [("plain", None, None),
              *((m if p == "auto" else f"{m}@{p}", (m, p), None) for m in spec.methods for p in spec.placements),
              *((("plain+sync-mid", None, "mid"), ("plain+sync-after", None, "after")) if spec.sync_probes else ())]
-
-    def with_gates(config, measure):
-        """``measure(gates)`` with ``config``'s gates installed (None: plain steps), then taken off."""
-        gates = install(*config) if config is not None else None
-        result = measure(gates)
-        if gates is not None:
-            remove_head_gates_(model)
-        return result
+    steps = {name: trainer(first if index == 0 else ctx.pretrained(0), gates_config, sync_at)
+             for index, (name, gates_config, sync_at) in enumerate(order)}
 
     per_round: dict[str, list[float]] = {name: [] for name, _, _ in order}
-    # Round -1 is untimed: on an H200 the first configuration of the first round ran 2-3x slower
-    # (clocks rising from idle, lazy CUDA initialisation), past its warm-up steps.
-    for round_ in range(-1, spec.rounds):
-        # Each round starts one place later, so no configuration always runs first or after the same one.
-        for name, config, sync_at in order[round_ % len(order):] + order[:round_ % len(order)]:
-            seconds = with_gates(config, lambda gates: time_steps(gates, sync_at))
-            if round_ >= 0:
-                per_round[name].append(seconds)
+    for round_ in range(-1, spec.rounds):  # pass -1 is untimed: clocks rising from idle, lazy initialisation
+        seconds: dict[str, list[float]] = {name: [] for name in steps}
+        for i, batch in enumerate(batches):
+            turn = (i + max(round_, 0)) % len(order)
+            for name, _, _ in order[turn:] + order[:turn]:
+                took = steps[name](i, batch)
+                if i >= spec.warmup:
+                    seconds[name].append(took)
+        if round_ >= 0:
+            for name, values in seconds.items():
+                per_round[name].append(statistics.fmean(values))
     medians = {name: statistics.median(values) * 1e3 for name, values in per_round.items()}
     paired = {name: statistics.median(t / p for t, p in zip(values, per_round["plain"]))
               for name, values in per_round.items() if name != "plain"}
     profiles = {}
     if spec.profile:
-        for name, config, sync_at in order:
+        for name, _, sync_at in order:
             if sync_at is None:  # the probes are plain steps
-                profiles[name] = with_gates(config, lambda gates: _profile_steps(lambda: time_steps(gates), ctx.device))
+                step = steps[name]
+                profiles[name] = _profile_steps(lambda: [step(i, b) for i, b in enumerate(batches)], ctx.device)
     return {"step_ms": {k: round(v, 3) for k, v in medians.items()},
             "step_ms_rounds": {k: [round(t * 1e3, 3) for t in values] for k, values in per_round.items()},
             "step_ratio": {name: round(ratio, 4) for name, ratio in paired.items()},
@@ -715,9 +716,9 @@ def measure_step_time(ctx: Context) -> dict:
             "timing_batch_size": ctx.config.reference.batch_size, "timing_steps": spec.steps,
             "timing_rounds": spec.rounds, "timing_keep": keep,
             "timing_cooldown_steps": _gate_options(ctx, "dsp", spec.steps)[1]["cooldown_steps"],
-            "timing_statistic": "mean step per round, after one untimed round; step_ms: median over rounds; "
-                                "step_ratio: median over rounds of the round's ratio to plain; the order rotates "
-                                "by one each round"}
+            "timing_statistic": "configurations interleaved step by step (order rotating each cycle), one model "
+                                "copy each; a pass's figure: mean timed step; step_ms: median over passes; "
+                                "step_ratio: median over passes of the pass's ratio to plain; one untimed pass first"}
 
 
 def _profile_steps(run, device) -> list[dict]:
