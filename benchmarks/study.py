@@ -702,17 +702,18 @@ def measure_step_time(ctx: Context) -> dict:
     medians = {name: statistics.median(values) * 1e3 for name, values in per_round.items()}
     paired = {name: statistics.median(t / p for t, p in zip(values, per_round["plain"]))
               for name, values in per_round.items() if name != "plain"}
-    profiles = {}
+    profiles, counts = {}, {}
     if spec.profile:
         for name, _, sync_at in order:
             if sync_at is None:  # the probes are plain steps
                 step = steps[name]
-                profiles[name] = _profile_steps(lambda: [step(i, b) for i, b in enumerate(batches)], ctx.device)
+                profiles[name], counts[name] = _profile_steps(lambda: [step(i, b) for i, b in enumerate(batches)],
+                                                              ctx.device, len(batches))
     return {"step_ms": {k: round(v, 3) for k, v in medians.items()},
             "step_ms_rounds": {k: [round(t * 1e3, 3) for t in values] for k, values in per_round.items()},
             "step_ratio": {name: round(ratio, 4) for name, ratio in paired.items()},
             "step_ratio_of_medians": {name: round(medians[name] / medians["plain"], 4) for name in paired},
-            "profiles": profiles, "timing_placements": list(spec.placements),
+            "profiles": profiles, "profile_counts_per_step": counts, "timing_placements": list(spec.placements),
             "timing_batch_size": ctx.config.reference.batch_size, "timing_steps": spec.steps,
             "timing_rounds": spec.rounds, "timing_keep": keep,
             "timing_cooldown_steps": _gate_options(ctx, "dsp", spec.steps)[1]["cooldown_steps"],
@@ -721,16 +722,25 @@ def measure_step_time(ctx: Context) -> dict:
                                 "step_ratio: median over passes of the pass's ratio to plain; one untimed pass first"}
 
 
-def _profile_steps(run, device) -> list[dict]:
-    """The 15 operators with the most host (self CPU) time over ``run()``, with their device time."""
+def _profile_steps(run, device, steps: int) -> tuple[list[dict], dict]:
+    """The 15 operators with the most host (self CPU) time over ``run()``, with their device time, and
+    per step: host events, kernel launches, host-device copies and stream synchronizations."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         run()
-    table = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    events = prof.key_averages()
+    table = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+
+    def per_step(match) -> float:
+        return round(sum(e.count for e in events if match(e.key)) / steps, 1)
+
+    counts = {"events": per_step(lambda key: True), "kernel_launches": per_step(lambda key: "LaunchKernel" in key),
+              "memcpy": per_step(lambda key: key == "cudaMemcpyAsync"),
+              "stream_syncs": per_step(lambda key: key == "cudaStreamSynchronize")}
     return [{"name": e.key, "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
-             "device_ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 3)} for e in table]
+             "device_ms": round(getattr(e, "self_device_time_total", 0) / 1e3, 3)} for e in table], counts
 
 
 def run_job(ctx: Context, job: Job) -> dict:
