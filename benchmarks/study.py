@@ -121,6 +121,9 @@ class TimingSpec:
     # Also time plain steps with a host sync where gates on the CPU force one: mid-backward (the mask
     # gradient's copy to the host) and after backward (clipping reads the total norm on the host).
     sync_probes: bool = False
+    # Also time plain steps with the mask hooks installed and a fixed all-ones mask: the cost of
+    # applying a mask, apart from the gates' parameters (their mask, its gradient, optimizer and clipping).
+    hooks_probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -618,12 +621,14 @@ def measure_step_time(ctx: Context) -> dict:
     each configuration's mean timed step; ``step_ms`` is the median over passes, ``step_ms_rounds``
     every pass's figure and ``step_ratio`` the median of each pass's ratio to its plain figure. An
     untimed pass goes first. With ``timing.sync_probes``, plain steps with a host sync mid-backward
-    or after backward are timed too (``plain+sync-mid``, ``plain+sync-after``).
+    or after backward are timed too (``plain+sync-mid``, ``plain+sync-after``); with
+    ``timing.hooks_probe``, plain steps through the mask hooks with a fixed all-ones mask
+    (``plain+hooks``).
     """
     import torch
 
     from pipeline.architectures import attention_parts
-    from pipeline.gates import GATES_ON
+    from pipeline.gates import GATES_ON, add_fixed_mask_
     from pipeline.methods import add_method_gates_
     from pipeline.training import clip_grad_norm_
 
@@ -641,7 +646,7 @@ def measure_step_time(ctx: Context) -> dict:
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def trainer(model, gates_config, sync_at: str | None):
+    def trainer(model, gates_config, probe: str | None):
         """``step(i, batch)`` -> seconds: one training step of ``model`` (the configuration's own copy)."""
         gates = None
         if gates_config is not None:
@@ -658,7 +663,9 @@ def measure_step_time(ctx: Context) -> dict:
             groups.append({"params": list(gates.parameters()), "lr": 1e-8, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups)
         params = [p for g in groups for p in g["params"]]
-        if sync_at == "mid":  # the first layer's attention output projection: where the mask's gradient is complete
+        if probe == "hooks":
+            add_fixed_mask_(model, torch.ones(config.num_hidden_layers, config.num_attention_heads, dtype=torch.float64))
+        if probe == "sync-mid":  # the first layer's attention output projection: where the mask's gradient is complete
             attention_parts(model)[0].output.weight.register_hook(lambda grad: (sync(), grad)[1])
 
         def step(i: int, batch: dict) -> float:
@@ -669,7 +676,7 @@ def measure_step_time(ctx: Context) -> dict:
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**batch).loss
             loss.backward()
-            if sync_at == "after":
+            if probe == "sync-after":
                 sync()
             clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -680,12 +687,13 @@ def measure_step_time(ctx: Context) -> dict:
 
         return step
 
-    # (name, (method, placement) or None for plain steps, where a plain step syncs the host or None)
+    # (name, (method, placement) or None for plain steps, the probe a plain step carries or None)
     order = [("plain", None, None),
              *((m if p == "auto" else f"{m}@{p}", (m, p), None) for m in spec.methods for p in spec.placements),
-             *((("plain+sync-mid", None, "mid"), ("plain+sync-after", None, "after")) if spec.sync_probes else ())]
-    steps = {name: trainer(first if index == 0 else ctx.pretrained(0), gates_config, sync_at)
-             for index, (name, gates_config, sync_at) in enumerate(order)}
+             *((("plain+sync-mid", None, "sync-mid"), ("plain+sync-after", None, "sync-after")) if spec.sync_probes else ()),
+             *((("plain+hooks", None, "hooks"),) if spec.hooks_probe else ())]
+    steps = {name: trainer(first if index == 0 else ctx.pretrained(0), gates_config, probe)
+             for index, (name, gates_config, probe) in enumerate(order)}
 
     per_round: dict[str, list[float]] = {name: [] for name, _, _ in order}
     for round_ in range(-1, spec.rounds):  # pass -1 is untimed: clocks rising from idle, lazy initialisation
@@ -704,8 +712,8 @@ def measure_step_time(ctx: Context) -> dict:
               for name, values in per_round.items() if name != "plain"}
     profiles, counts = {}, {}
     if spec.profile:
-        for name, _, sync_at in order:
-            if sync_at is None:  # the probes are plain steps
+        for name, _, probe in order:
+            if probe in (None, "hooks"):  # the sync probes are plain steps; the hooks probe adds operators
                 step = steps[name]
                 profiles[name], counts[name] = _profile_steps(lambda: [step(i, b) for i, b in enumerate(batches)],
                                                               ctx.device, len(batches))

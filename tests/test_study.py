@@ -40,7 +40,7 @@ data: {{task: sst2, train: {GLUE / 'SST-2' / 'train.tsv'}, dev: {GLUE / 'SST-2' 
        max_train_examples: 64, max_eval_examples: 64, max_seq_length: 32}}
 reference: {{epochs: 1, batch_size: 16}}
 pipelined: {{epochs: 1}}
-timing: {{steps: 2, warmup: 1, rounds: 1, methods: [dsp], sync_probes: true, profile: true}}
+timing: {{steps: 2, warmup: 1, rounds: 1, methods: [dsp], sync_probes: true, hooks_probe: true, profile: true}}
 """)
     threads = torch.get_num_threads()
     yield root, config
@@ -64,13 +64,13 @@ def test_study_writes_rows_resumes_and_merges(study_setup):
     assert dsp["train_steps"] == 4  # one epoch of 64 examples in batches of 16
     assert (out / "reference-seed0" / "config.json").is_file()
     step_time = next(r for r in rows if r["kind"] == "step_time")
-    assert set(step_time["step_ms"]) == {"plain", "dsp", "plain+sync-mid", "plain+sync-after"}
+    assert set(step_time["step_ms"]) == {"plain", "dsp", "plain+sync-mid", "plain+sync-after", "plain+hooks"}
     assert step_time["step_ratio"]["dsp"] > 0
     assert {name: len(times) for name, times in step_time["step_ms_rounds"].items()} == {
-        "plain": 1, "dsp": 1, "plain+sync-mid": 1, "plain+sync-after": 1}
-    assert set(step_time["profiles"]) == set(step_time["profile_counts_per_step"]) == {"plain", "dsp"}  # not the probes
+        "plain": 1, "dsp": 1, "plain+sync-mid": 1, "plain+sync-after": 1, "plain+hooks": 1}
+    assert set(step_time["profiles"]) == set(step_time["profile_counts_per_step"]) == {"plain", "dsp", "plain+hooks"}
     counts = step_time["profile_counts_per_step"]
-    assert counts["dsp"]["events"] > counts["plain"]["events"] > 0  # the gates' operators, on this CPU
+    assert counts["dsp"]["events"] > counts["plain+hooks"]["events"] > counts["plain"]["events"] > 0  # on this CPU
     assert counts["plain"]["kernel_launches"] == counts["plain"]["stream_syncs"] == 0
 
     with pytest.raises(FileExistsError, match="--resume"):
