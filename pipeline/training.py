@@ -28,9 +28,9 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     paths: on an H100 it scaled the CUDA gradients one kernel at a time (98 more launches per MiniLM
     step, whose training step is bound by launches), and on a CPU it stacked the per-tensor norms
     of mixed dtypes one copy at a time (600 more ops per step). Here each group keeps its fast
-    paths: one foreach norm and one foreach multiply. The first group's total and scale are
-    torch's; another group's norm joins the total with one ``hypot`` (a CPU norm as a scalar
-    argument: no copy to the device), and the scale reaches it with one copy. Returns the total norm.
+    paths: torch's norm of the group, and one foreach multiply. Another group's norm joins the first
+    group's with one ``hypot`` (a CPU norm as a scalar argument: no copy to the device), and the
+    scale, computed once as torch computes it, reaches it with one copy. Returns the total norm.
     """
     groups: dict[tuple, list[torch.Tensor]] = {}
     for p in parameters:
@@ -41,7 +41,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     (device, dtype), *others = groups
     total = torch.nn.utils.get_total_norm(groups[device, dtype])
     for other in others:
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(groups[other]))).to(dtype)
+        norm = torch.nn.utils.get_total_norm(groups[other]).to(dtype)
         total = torch.hypot(total, norm if norm.device.type == "cpu" else norm.to(device))
     scale = (max_norm / (total + 1e-6)).clamp_(max=1.0)  # as torch.nn.utils.clip_grads_with_norm_
     for (group_device, group_dtype), grads in groups.items():
