@@ -605,6 +605,11 @@ def _flops_kept(ctx: Context, model, selection) -> float:
     return 1 - removed / flops_per_token(model, cfg.flops_seq)
 
 
+# Study timing's phases of a training step: forward, backward, clipping, the optimizer's step, and the
+# rest (zeroing the gradients, reading the loss, the final device sync).
+_PHASES = ("forward", "backward", "clip", "optimizer", "rest")
+
+
 def measure_step_time(ctx: Context) -> dict:
     """Training-step time of plain fine-tuning and of each gated method, interleaved step by step.
 
@@ -623,7 +628,9 @@ def measure_step_time(ctx: Context) -> dict:
     untimed pass goes first. With ``timing.sync_probes``, plain steps with a host sync mid-backward
     or after backward are timed too (``plain+sync-mid``, ``plain+sync-after``); with
     ``timing.hooks_probe``, plain steps through the mask hooks with a fixed all-ones mask
-    (``plain+hooks``).
+    (``plain+hooks``). ``step_phase_ms`` splits each configuration's timed steps by where the host's
+    clock stood (:data:`_PHASES`, means over every timed step): the host runs ahead of the device
+    but for its syncs, so a phase is the host's time in it, plus any wait for the device there.
     """
     import torch
 
@@ -668,22 +675,28 @@ def measure_step_time(ctx: Context) -> dict:
         if probe == "sync-mid":  # the first layer's attention output projection: where the mask's gradient is complete
             attention_parts(model)[0].output.weight.register_hook(lambda grad: (sync(), grad)[1])
 
-        def step(i: int, batch: dict) -> float:
+        def step(i: int, batch: dict) -> tuple[float, ...]:
+            """Seconds: the whole step, then the host's time in each of :data:`_PHASES`."""
             sync()
-            start = time.perf_counter()
+            clock = [time.perf_counter()]
             if gates is not None:
                 gates.step = max(0, i - spec.warmup)
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**batch).loss
+            clock.append(time.perf_counter())
             loss.backward()
             if probe == "sync-after":
                 sync()
+            clock.append(time.perf_counter())
             clip_grad_norm_(params, 1.0)
+            clock.append(time.perf_counter())
             optimizer.step()
+            clock.append(time.perf_counter())
             optimizer.zero_grad(set_to_none=True)
             loss.item()
             sync()
-            return time.perf_counter() - start
+            clock.append(time.perf_counter())
+            return (clock[-1] - clock[0], *(b - a for a, b in zip(clock, clock[1:])))
 
         return step
 
@@ -696,14 +709,17 @@ def measure_step_time(ctx: Context) -> dict:
              for index, (name, gates_config, probe) in enumerate(order)}
 
     per_round: dict[str, list[float]] = {name: [] for name, _, _ in order}
+    phases: dict[str, list[tuple[float, ...]]] = {name: [] for name, _, _ in order}
     for round_ in range(-1, spec.rounds):  # pass -1 is untimed: clocks rising from idle, lazy initialisation
         seconds: dict[str, list[float]] = {name: [] for name in steps}
         for i, batch in enumerate(batches):
             turn = (i + max(round_, 0)) % len(order)
             for name, _, _ in order[turn:] + order[:turn]:
-                took = steps[name](i, batch)
+                took, *parts = steps[name](i, batch)
                 if i >= spec.warmup:
                     seconds[name].append(took)
+                    if round_ >= 0:
+                        phases[name].append(parts)
         if round_ >= 0:
             for name, values in seconds.items():
                 per_round[name].append(statistics.fmean(values))
@@ -721,6 +737,8 @@ def measure_step_time(ctx: Context) -> dict:
             "step_ms_rounds": {k: [round(t * 1e3, 3) for t in values] for k, values in per_round.items()},
             "step_ratio": {name: round(ratio, 4) for name, ratio in paired.items()},
             "step_ratio_of_medians": {name: round(medians[name] / medians["plain"], 4) for name in paired},
+            "step_phase_ms": {name: {phase: round(statistics.fmean(parts[j] for parts in rows) * 1e3, 3)
+                                     for j, phase in enumerate(_PHASES)} for name, rows in phases.items()},
             "profiles": profiles, "profile_counts_per_step": counts, "timing_placements": list(spec.placements),
             "timing_batch_size": ctx.config.reference.batch_size, "timing_steps": spec.steps,
             "timing_rounds": spec.rounds, "timing_keep": keep,
