@@ -124,6 +124,10 @@ class TimingSpec:
     # Also time plain steps with the mask hooks installed and a fixed all-ones mask: the cost of
     # applying a mask, apart from the gates' parameters (their mask, its gradient, optimizer and clipping).
     hooks_probe: bool = False
+    # Also time plain steps through the mask hooks with the all-ones mask already on the model's device in
+    # its dtype (plain+hooks@device: no conversion and copy per step), and each method's steps with its
+    # gates left out of clipping and the optimizer (<method>+unstepped: mask and gradient, no update).
+    gate_probes: bool = False
 
 
 @dataclass(frozen=True)
@@ -628,14 +632,16 @@ def measure_step_time(ctx: Context) -> dict:
     untimed pass goes first. With ``timing.sync_probes``, plain steps with a host sync mid-backward
     or after backward are timed too (``plain+sync-mid``, ``plain+sync-after``); with
     ``timing.hooks_probe``, plain steps through the mask hooks with a fixed all-ones mask
-    (``plain+hooks``). ``step_phase_ms`` splits each configuration's timed steps by where the host's
+    (``plain+hooks``); with ``timing.gate_probes``, the same with that mask already on the device
+    (``plain+hooks@device``) and each method with its gates out of clipping and the optimizer
+    (``<method>+unstepped``). ``step_phase_ms`` splits each configuration's timed steps by where the host's
     clock stood (:data:`_PHASES`, means over every timed step): the host runs ahead of the device
     but for its syncs, so a phase is the host's time in it, plus any wait for the device there.
     """
     import torch
 
     from pipeline.architectures import attention_parts
-    from pipeline.gates import GATES_ON, add_fixed_mask_
+    from pipeline.gates import GATES_ON, add_fixed_mask_, install_mask_hooks_
     from pipeline.methods import add_method_gates_
     from pipeline.training import clip_grad_norm_
 
@@ -666,12 +672,15 @@ def measure_step_time(ctx: Context) -> dict:
                 os.environ.pop(GATES_ON)
         model.train()
         groups = _weight_groups(model, 1e-8, 0.0)
-        if gates is not None:
+        if gates is not None and probe != "unstepped":
             groups.append({"params": list(gates.parameters()), "lr": 1e-8, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups)
         params = [p for g in groups for p in g["params"]]
         if probe == "hooks":
             add_fixed_mask_(model, torch.ones(config.num_hidden_layers, config.num_attention_heads, dtype=torch.float64))
+        if probe == "hooks@device":
+            resident = torch.ones(config.num_hidden_layers, config.num_attention_heads, device=ctx.device)
+            install_mask_hooks_(model, lambda: resident)
         if probe == "sync-mid":  # the first layer's attention output projection: where the mask's gradient is complete
             attention_parts(model)[0].output.weight.register_hook(lambda grad: (sync(), grad)[1])
 
@@ -681,6 +690,9 @@ def measure_step_time(ctx: Context) -> dict:
             clock = [time.perf_counter()]
             if gates is not None:
                 gates.step = max(0, i - spec.warmup)
+                if probe == "unstepped":
+                    for p in gates.parameters():
+                        p.grad = None  # as zero_grad would: no accumulation
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**batch).loss
             clock.append(time.perf_counter())
@@ -704,7 +716,9 @@ def measure_step_time(ctx: Context) -> dict:
     order = [("plain", None, None),
              *((m if p == "auto" else f"{m}@{p}", (m, p), None) for m in spec.methods for p in spec.placements),
              *((("plain+sync-mid", None, "sync-mid"), ("plain+sync-after", None, "sync-after")) if spec.sync_probes else ()),
-             *((("plain+hooks", None, "hooks"),) if spec.hooks_probe else ())]
+             *((("plain+hooks", None, "hooks"),) if spec.hooks_probe else ()),
+             *((("plain+hooks@device", None, "hooks@device"),
+                *((f"{m}+unstepped", (m, "auto"), "unstepped") for m in spec.methods)) if spec.gate_probes else ())]
     steps = {name: trainer(first if index == 0 else ctx.pretrained(0), gates_config, probe)
              for index, (name, gates_config, probe) in enumerate(order)}
 
@@ -729,7 +743,7 @@ def measure_step_time(ctx: Context) -> dict:
     profiles, counts = {}, {}
     if spec.profile:
         for name, _, probe in order:
-            if probe in (None, "hooks"):  # the sync probes are plain steps; the hooks probe adds operators
+            if probe in (None, "hooks"):  # the other probes are for timing; the hooks probe adds operators
                 step = steps[name]
                 profiles[name], counts[name] = _profile_steps(lambda: [step(i, b) for i, b in enumerate(batches)],
                                                               ctx.device, len(batches))

@@ -40,7 +40,7 @@ data: {{task: sst2, train: {GLUE / 'SST-2' / 'train.tsv'}, dev: {GLUE / 'SST-2' 
        max_train_examples: 64, max_eval_examples: 64, max_seq_length: 32}}
 reference: {{epochs: 1, batch_size: 16}}
 pipelined: {{epochs: 1}}
-timing: {{steps: 2, warmup: 1, rounds: 1, methods: [dsp], sync_probes: true, hooks_probe: true, profile: true}}
+timing: {{steps: 2, warmup: 1, rounds: 1, methods: [dsp], sync_probes: true, hooks_probe: true, gate_probes: true, profile: true}}
 """)
     threads = torch.get_num_threads()
     yield root, config
@@ -64,10 +64,12 @@ def test_study_writes_rows_resumes_and_merges(study_setup):
     assert dsp["train_steps"] == 4  # one epoch of 64 examples in batches of 16
     assert (out / "reference-seed0" / "config.json").is_file()
     step_time = next(r for r in rows if r["kind"] == "step_time")
-    assert set(step_time["step_ms"]) == {"plain", "dsp", "plain+sync-mid", "plain+sync-after", "plain+hooks"}
+    assert set(step_time["step_ms"]) == {"plain", "dsp", "plain+sync-mid", "plain+sync-after", "plain+hooks",
+                                         "plain+hooks@device", "dsp+unstepped"}
     assert step_time["step_ratio"]["dsp"] > 0
     assert {name: len(times) for name, times in step_time["step_ms_rounds"].items()} == {
-        "plain": 1, "dsp": 1, "plain+sync-mid": 1, "plain+sync-after": 1, "plain+hooks": 1}
+        "plain": 1, "dsp": 1, "plain+sync-mid": 1, "plain+sync-after": 1, "plain+hooks": 1, "plain+hooks@device": 1,
+        "dsp+unstepped": 1}
     for name, phases in step_time["step_phase_ms"].items():  # one timed step each: its phases add up to it
         assert set(phases) == {"forward", "backward", "clip", "optimizer", "rest"} and min(phases.values()) > 0
         assert sum(phases.values()) == pytest.approx(step_time["step_ms"][name], rel=1e-3, abs=5e-3)
