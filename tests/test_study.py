@@ -70,7 +70,7 @@ def test_study_writes_rows_resumes_and_merges(study_setup):
     assert {name: len(times) for name, times in step_time["step_ms_rounds"].items()} == {
         "plain": 1, "dsp": 1, "plain+sync-mid": 1, "plain+sync-after": 1, "plain+hooks": 1, "plain+hooks@device": 1,
         "dsp+unstepped": 1}
-    for name, phases in step_time["step_phase_ms"].items():  # one timed step each: its phases add up to it
+    for name, phases in step_time["step_phase_ms"].items():  # one pass: the phases' means add up to its mean step
         assert set(phases) == {"forward", "backward", "clip", "optimizer", "rest"} and min(phases.values()) > 0
         assert sum(phases.values()) == pytest.approx(step_time["step_ms"][name], rel=1e-3, abs=5e-3)
     assert set(step_time["profiles"]) == set(step_time["profile_counts_per_step"]) == {"plain", "dsp", "plain+hooks"}
